@@ -1,0 +1,28 @@
+# Data stage: read the dataset in any supported format, normalise, validate, split train/eval, and report.
+
+DATASET = config["dataset"]
+
+
+rule prepare_data:
+    input:
+        model=out(config, "model", "model.json"),
+        data=local_dataset(DATASET["path"]),
+        script=script("prepare_data"),
+    output:
+        train=out(config, "data", "train.jsonl"),
+        eval=out(config, "data", "eval.jsonl"),
+        report=out(config, "data", "report.json"),
+    params:
+        args=stage_args(
+            **pick(DATASET, "path", "format", "text_field", "split", "config_name", "max_samples"),
+            **pick(DATASET, "eval_fraction", "long_rows", "max_dropped_fraction", "seed"),
+            max_seq_length=config["training"]["max_seq_length"],
+        ),
+    log:
+        out(config, "logs", "prepare_data.log"),
+    resources:
+        mem_mb=config["resources"]["cpu_mem_mb"],
+        runtime=config["resources"]["cpu_runtime"],
+    shell:
+        "python {input.script} {params.args} --model-json {input.model}"
+        " --train-out {output.train} --eval-out {output.eval} --report-out {output.report} > {log} 2>&1"

@@ -1,0 +1,33 @@
+# Evaluate stage: held-out loss of the base and the fine-tuned model, and greedy answers compared with the
+# reference answers of training and held-out rows.
+
+EVALUATE = config["evaluate"]
+
+
+rule evaluate:
+    input:
+        model=out(config, "model", "model.json"),
+        finetuned=final_model(config),
+        train=out(config, "data", "train.jsonl"),
+        eval=out(config, "data", "eval.jsonl"),
+        script=script("evaluate"),
+    output:
+        metrics=out(config, "metrics", "evaluate.json"),
+        samples=out(config, "eval", "samples.jsonl"),
+    params:
+        args=stage_args(
+            **pick(EVALUATE, "num_samples", "max_new_tokens"),
+            merged=config["merge"]["merge_full_weights"],
+        ),
+    log:
+        out(config, "logs", "evaluate.log"),
+    benchmark:
+        out(config, "benchmarks", "evaluate.tsv")
+    resources:
+        mem_mb=config["resources"]["gpu_mem_mb"],
+        runtime=config["resources"]["gpu_runtime"],
+        gpu=config["resources"]["gpus"],
+    shell:
+        "python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
+        " --train-data {input.train} --eval-data {input.eval} --metrics-out {output.metrics}"
+        " --samples-out {output.samples} > {log} 2>&1"

@@ -1,0 +1,30 @@
+# Merge stage: reload the base unquantised, merge the adapter, save full weights, and prove that the merged
+# model's logits match base+adapter.
+
+MERGE = config["merge"]
+
+
+rule merge:
+    input:
+        model=out(config, "model", "model.json"),
+        adapters=out(config, "adapters"),
+        eval=out(config, "data", "eval.jsonl"),
+        script=script("merge"),
+    output:
+        merged=directory(out(config, "merged")),
+        report=out(config, "metrics", "merge.json"),
+    params:
+        args=stage_args(
+            **pick(MERGE, "merged_save_format", "dtype", "max_shard_size", "check_samples", "tolerance")
+        ),
+    log:
+        out(config, "logs", "merge.log"),
+    benchmark:
+        out(config, "benchmarks", "merge.tsv")
+    resources:
+        mem_mb=config["resources"]["gpu_mem_mb"],
+        runtime=config["resources"]["gpu_runtime"],
+        gpu=config["resources"]["gpus"],
+    shell:
+        "python {input.script} {params.args} --model-json {input.model} --adapter-dir {input.adapters}"
+        " --eval-data {input.eval} --output-dir {output.merged} --report-out {output.report} > {log} 2>&1"

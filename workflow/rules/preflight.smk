@@ -1,0 +1,25 @@
+# GPU preflight: report the GPUs, estimate the memory the job needs, and refuse a job that will not fit.
+
+TRAINING = config["training"]
+
+
+rule preflight:
+    input:
+        model=out(config, "model", "model.json"),
+        script=script("preflight"),
+    output:
+        out(config, "preflight.json"),
+    params:
+        args=stage_args(
+            **pick(TRAINING, "quantization", "max_seq_length", "micro_batch_size", "gradient_checkpointing"),
+            **pick(TRAINING, "lora_r", "target_modules", "bf16"),
+            **pick(config["preflight"], "device", "cpu_max_params", "memory_fraction"),
+        ),
+    log:
+        out(config, "logs", "preflight.log"),
+    resources:
+        mem_mb=config["resources"]["gpu_mem_mb"],
+        runtime=10,
+        gpu=config["resources"]["gpus"],
+    shell:
+        "python {input.script} {params.args} --model-json {input.model} --output {output} > {log} 2>&1"

@@ -1,0 +1,22 @@
+# Summary stage: the manifest (sha256 of every artifact, key metrics) and training.env (effective config,
+# secrets redacted), with a table at the end of the log.
+
+
+rule summary:
+    input:
+        **summary_inputs(config),
+        script=script("summary"),
+    output:
+        manifest=out(config, "manifest.json"),
+        env=out(config, "training.env"),
+    params:
+        run_dir=run_dir(config),
+        config=lambda wildcards: json.dumps(config, sort_keys=True),
+    log:
+        out(config, "logs", "summary.log"),
+    resources:
+        mem_mb=config["resources"]["cpu_mem_mb"],
+        runtime=config["resources"]["cpu_runtime"],
+    shell:
+        "python {input.script} --run-dir {params.run_dir} --config-json {params.config:q}"
+        " --manifest-out {output.manifest} --env-out {output.env} > {log} 2>&1"
