@@ -1,1 +1,150 @@
-"""placeholder"""
+"""Model stage: check that a base model directory is complete and record it for the later stages.
+
+    python scripts/prepare_model.py --source local --path /models/Llama-3.1-8B-Instruct \
+        --output results/run/model/model.json
+
+Sources: `demo` (the tiny model built by build_demo_model.py) and `local` (a directory) are checked here;
+`hub` (a git-lfs clone into the shared cache) is not available yet and says so. The record (model.json) holds
+the absolute path, the parameter count read from the safetensors headers, and a fingerprint of the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import StageError, cli, log, read_json, table, write_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class Config:
+    output: str = field(metadata={"help": "model record to write (model.json)"})
+    source: str = field(default="local", metadata={"help": "demo | local | hub"})
+    path: str | None = field(default=None, metadata={"help": "model directory (demo, local)"})
+    model_id: str | None = field(default=None, metadata={"help": "hub id org/name"})
+    revision: str = field(default="main", metadata={"help": "hub revision"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the repository"})
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files a loader would read: the safetensors (index) first, else the .bin (index)."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(read_json(index, "weight index")["weight_map"].values()))
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise StageError(
+                    f"model {directory}: {index_name} lists shards that are missing: {', '.join(missing[:5])}; "
+                    "the download is incomplete: fetch the model again"
+                )
+            return [directory / s for s in shards]
+        if (directory / single).is_file():
+            return [directory / single]
+    raise StageError(
+        f"model {directory}: no weights found (model.safetensors, a safetensors index, or pytorch_model.bin); "
+        "point model.path at the directory that holds config.json and the weights"
+    )
+
+
+def safetensors_params(path: Path) -> int:
+    """Parameter count from a safetensors header, without loading any tensor."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StageError(f"model weights {path}: not a valid safetensors file (corrupt or truncated)") from None
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count
+    return total
+
+
+def check_model_dir(directory: Path) -> dict:
+    """Validate a model directory; return what the record needs. Errors name the directory and the fix."""
+    if not directory.is_dir():
+        raise StageError(f"model directory {directory} does not exist; set model.path to a downloaded model")
+    model_config = read_json(directory / "config.json", "model config") if (directory / "config.json").is_file() else None
+    if not model_config or "model_type" not in model_config:
+        raise StageError(f"model {directory}: config.json is missing or has no model_type; is this a model directory?")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise StageError(
+            f"model {directory}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files next to "
+            "config.json"
+        )
+    weights = weight_files(directory)
+    params = sum(safetensors_params(w) for w in weights) if weights[0].suffix == ".safetensors" else None
+    return {"config": model_config, "weights": weights, "num_parameters": params}
+
+
+def fingerprint(directory: Path, weights: list[Path]) -> str:
+    """sha256 over the small files' contents and the weights' names and sizes (hashing 16 GB of weights on
+    every run would cost minutes; a changed download changes the sizes or the index)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.stat().st_size < 50_000_000):
+        digest.update(path.name.encode() + path.read_bytes())
+    for path in weights:
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def main(cfg: Config) -> dict:
+    if cfg.source == "hub":
+        raise StageError(
+            f"model.source hub ({cfg.model_id}) is not available in this version of the workflow yet. Fetch the "
+            "model on a node with internet (git lfs clone or huggingface-cli download) and set model.source: local "
+            "and model.path to that directory."
+        )
+    if cfg.source not in ("demo", "local"):
+        raise StageError(f"model.source {cfg.source!r} is not one of demo, local, hub")
+    if not cfg.path:
+        raise StageError("model.path is required for model.source local")
+    directory = Path(cfg.path).expanduser().resolve()
+    info = check_model_dir(directory)
+    model_config = info["config"]
+    record = {
+        "source": cfg.source,
+        "path": str(directory),
+        "model_id": cfg.model_id or directory.name,
+        "revision": cfg.revision if cfg.source == "hub" else None,
+        "model_type": model_config["model_type"],
+        "architectures": model_config.get("architectures", []),
+        "dtype": model_config.get("dtype", model_config.get("torch_dtype")),
+        "num_parameters": info["num_parameters"],
+        "weights": [w.name for w in info["weights"]],
+        "trust_remote_code": cfg.trust_remote_code,
+        "fingerprint": fingerprint(directory, info["weights"]),
+    }
+    write_json(cfg.output, record)
+    params = record["num_parameters"]
+    log.info(
+        "\n%s",
+        table(
+            [
+                ("source", cfg.source),
+                ("path", directory),
+                ("model type", record["model_type"]),
+                ("parameters", f"{params:,}" if params else "unknown (.bin weights)"),
+                ("weight files", len(info["weights"])),
+            ],
+            "Base model",
+        ),
+    )
+    return record
+
+
+if __name__ == "__main__":
+    cli(main, Config, __doc__)

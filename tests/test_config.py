@@ -1,0 +1,97 @@
+"""Config resolution: presets, precedence, --config overrides, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from common import ConfigError, expand_dotted, load_presets, load_schema, resolve_config
+from conftest import REPO
+
+DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_demo_config_resolves_with_every_key_defaulted():
+    cfg = resolve_config(DEMO)
+    schema = load_schema()
+    for section, spec in schema["properties"].items():
+        assert section in cfg, section
+        for key in spec.get("properties", {}):
+            assert key in cfg[section], f"{section}.{key} has no default"
+    assert cfg["model"]["source"] == "demo"
+    assert cfg["training"]["learning_rate"] == 0.01  # from the demo preset, over the schema's 2e-4
+
+
+def test_every_schema_key_is_described():
+    def walk(spec, path):
+        for key, sub in spec.get("properties", {}).items():
+            assert sub.get("description"), f"{'.'.join(path + [key])} has no description"
+            assert "type" in sub or "oneOf" in sub, f"{'.'.join(path + [key])} has no type"
+            walk(sub, path + [key])
+
+    walk(load_schema(), [])
+
+
+@pytest.mark.parametrize("preset", list(load_presets("models")))
+@pytest.mark.parametrize("hyper", list(load_presets("hyperparameters")))
+def test_every_preset_combination_is_valid(preset, hyper):
+    cfg = resolve_config({"run_name": "x", "preset": preset, "hyperparameters": hyper})
+    assert cfg["preset"] == preset
+
+
+def test_precedence_user_over_model_preset_over_hyperparameter_preset():
+    cfg = resolve_config({"run_name": "x", "preset": "llama3-8b-medical", "hyperparameters": "high_capacity"})
+    assert cfg["model"]["model_id"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg["training"]["lora_r"] == 64 and cfg["training"]["learning_rate"] == 0.0001
+    cfg = resolve_config(
+        {"run_name": "x", "preset": "llama3-8b-medical", "hyperparameters": "high_capacity", "training": {"lora_r": 8}}
+    )
+    assert cfg["training"]["lora_r"] == 8 and cfg["training"]["lora_alpha"] == 128
+
+
+def test_flat_and_nested_overrides_as_snakemake_passes_them():
+    # `--config training__learning_rate=0.005` arrives as a float; `training={lora_r: 4}` as strings.
+    cfg = resolve_config(DEMO | {"training__learning_rate": 0.005, "merge": {"tolerance": "0.01"}})
+    assert cfg["training"]["learning_rate"] == 0.005
+    assert cfg["merge"]["tolerance"] == 0.01
+    cfg = resolve_config(DEMO | {"training": {"lora_r": "4", "bf16": "false", "packing": "true"}})
+    assert cfg["training"]["lora_r"] == 4 and cfg["training"]["bf16"] is False and cfg["training"]["packing"] is True
+    assert expand_dotted({"a.b": 1, "a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"training": {"quantization": "3bit"}}, "training.quantization: '3bit' is not allowed; allowed values: 4bit, 8bit, none"),
+        ({"training": {"learnin_rate": 1}}, "unknown key 'learnin_rate' (did you mean 'learning_rate'?) under training"),
+        ({"training": {"epochs": "many"}}, "training.epochs: 'many' is not of type 'number'"),
+        ({"training": {"lora_r": 0}}, "training.lora_r: 0 is less than the minimum of 1"),
+        ({"dataset": {"eval_fraction": 0.9}}, "dataset.eval_fraction: 0.9 is greater than the maximum of 0.5"),
+        ({"merge": {"merged_save_format": "gguf"}}, "allowed values: safetensors, bin"),
+        ({"training": {"target_modules": "everything"}}, "training.target_modules: 'everything' is not allowed"),
+        ({"preset": "llama-9000"}, "preset: 'llama-9000' is not a known preset; allowed values: demo, llama3-8b-medical"),
+        ({"hyperparameters": "fast"}, "hyperparameters: 'fast' is not a known preset"),
+        ({"run_name": "../escape"}, "run_name: '../escape' does not match"),
+        ({"model": {"source": "local"}}, "model.path: required when model.source is local"),
+        ({"colour": "blue"}, "unknown key 'colour' at the top level"),
+    ],
+)
+def test_invalid_config_names_the_key_and_the_allowed_values(override, expected):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(DEMO | override)
+    assert expected in str(err.value)
+
+
+def test_bad_config_is_rejected_before_any_job_starts(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1",
+         "--config", "training__quantization=3bit"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "training.quantization: '3bit' is not allowed; allowed values: 4bit, 8bit, none" in result.stderr
+    assert not (tmp_path / "results").exists()
