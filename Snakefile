@@ -19,7 +19,7 @@ configfile: "config.yaml"
 sys.path.insert(0, f"{workflow.basedir}/workflow")
 import json  # noqa: E402
 
-from common import (  # noqa: E402
+from helpers import (  # noqa: E402
     ConfigError,
     final_model,
     local_dataset,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from common import ConfigError, expand_dotted, load_presets, load_schema, resolve_config
+from helpers import ConfigError, expand_dotted, load_presets, load_schema, resolve_config
 from conftest import REPO
 
 DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
