@@ -26,7 +26,6 @@ from helpers import (  # noqa: E402
     out,
     pick,
     resolve_config,
-    run_dir,
     script,
     stage_args,
     summary_inputs,
@@ -50,6 +49,6 @@ include: "workflow/rules/summary.smk"
 
 
 rule all:
+    default_target: True
     input:
         out(config, "manifest.json"),
-    default_target: True

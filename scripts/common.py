@@ -15,8 +15,9 @@ import sys
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger("finetune")
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """Summary stage: write the run's manifest and training.env, and end the log with a table of what was achieved.
 
-    python scripts/summary.py --run-dir results/demo --config-json "$(cat effective.json)" \
+    python scripts/summary.py --config-json "$(cat effective.json)" \
         --manifest-out results/demo/manifest.json --env-out results/demo/training.env
 
 manifest.json: the sha256 and size of every artifact (adapters/, merged/, data, model record, metrics), the key
@@ -33,9 +33,8 @@ REDACTED = "<redacted>"
 
 @dataclass
 class Config:
-    run_dir: str = field(metadata={"help": "the run's output directory"})
     config_json: str = field(metadata={"help": "the effective configuration as JSON"})
-    manifest_out: str = field(metadata={"help": "manifest to write (JSON)"})
+    manifest_out: str = field(metadata={"help": "manifest to write (JSON), at the top of the run directory"})
     env_out: str = field(metadata={"help": "training.env to write"})
 
 
@@ -130,7 +129,7 @@ def fmt(value: object) -> str:
 
 
 def main(cfg: Config) -> dict:
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.manifest_out).parent
     try:
         effective = json.loads(cfg.config_json)
     except json.JSONDecodeError as err:

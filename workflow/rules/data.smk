@@ -12,17 +12,29 @@ rule prepare_data:
         train=out(config, "data", "train.jsonl"),
         eval=out(config, "data", "eval.jsonl"),
         report=out(config, "data", "report.json"),
-    params:
-        args=stage_args(
-            **pick(DATASET, "path", "format", "text_field", "split", "config_name", "max_samples"),
-            **pick(DATASET, "eval_fraction", "long_rows", "max_dropped_fraction", "seed"),
-            max_seq_length=config["training"]["max_seq_length"],
-        ),
     log:
         out(config, "logs", "prepare_data.log"),
+    conda:
+        "../envs/finetune.yaml"
     resources:
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
+    params:
+        args=stage_args(
+            **pick(
+                DATASET,
+                "path",
+                "format",
+                "text_field",
+                "split",
+                "config_name",
+                "max_samples",
+            ),
+            **pick(
+                DATASET, "eval_fraction", "long_rows", "max_dropped_fraction", "seed"
+            ),
+            max_seq_length=config["training"]["max_seq_length"],
+        ),
     shell:
         "python {input.script} {params.args} --model-json {input.model}"
         " --train-out {output.train} --eval-out {output.eval} --report-out {output.report} > {log} 2>&1"

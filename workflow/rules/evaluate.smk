@@ -14,19 +14,21 @@ rule evaluate:
     output:
         metrics=out(config, "metrics", "evaluate.json"),
         samples=out(config, "eval", "samples.jsonl"),
+    log:
+        out(config, "logs", "evaluate.log"),
+    benchmark:
+        out(config, "benchmarks", "evaluate.tsv")
+    conda:
+        "../envs/finetune.yaml"
+    resources:
+        mem_mb=config["resources"]["gpu_mem_mb"],
+        runtime=config["resources"]["gpu_runtime"],
+        gpu=config["resources"]["gpus"],
     params:
         args=stage_args(
             **pick(EVALUATE, "num_samples", "max_new_tokens"),
             merged=config["merge"]["merge_full_weights"],
         ),
-    log:
-        out(config, "logs", "evaluate.log"),
-    benchmark:
-        out(config, "benchmarks", "evaluate.tsv")
-    resources:
-        mem_mb=config["resources"]["gpu_mem_mb"],
-        runtime=config["resources"]["gpu_runtime"],
-        gpu=config["resources"]["gpus"],
     shell:
         "python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
         " --train-data {input.train} --eval-data {input.eval} --metrics-out {output.metrics}"

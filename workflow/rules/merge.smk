@@ -13,18 +13,27 @@ rule merge:
     output:
         merged=directory(out(config, "merged")),
         report=out(config, "metrics", "merge.json"),
-    params:
-        args=stage_args(
-            **pick(MERGE, "merged_save_format", "dtype", "max_shard_size", "check_samples", "tolerance")
-        ),
     log:
         out(config, "logs", "merge.log"),
     benchmark:
         out(config, "benchmarks", "merge.tsv")
+    conda:
+        "../envs/finetune.yaml"
     resources:
         mem_mb=config["resources"]["gpu_mem_mb"],
         runtime=config["resources"]["gpu_runtime"],
         gpu=config["resources"]["gpus"],
+    params:
+        args=stage_args(
+            **pick(
+                MERGE,
+                "merged_save_format",
+                "dtype",
+                "max_shard_size",
+                "check_samples",
+                "tolerance",
+            )
+        ),
     shell:
         "python {input.script} {params.args} --model-json {input.model} --adapter-dir {input.adapters}"
         " --eval-data {input.eval} --output-dir {output.merged} --report-out {output.report} > {log} 2>&1"

@@ -12,6 +12,8 @@ rule build_demo_model:
         directory(out(config, "model", "demo")),
     log:
         out(config, "logs", "build_demo_model.log"),
+    conda:
+        "../envs/finetune.yaml"
     resources:
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
@@ -25,18 +27,24 @@ rule model:
         script=script("prepare_model"),
     output:
         out(config, "model", "model.json"),
+    log:
+        out(config, "logs", "model.log"),
+    conda:
+        "../envs/finetune.yaml"
+    resources:
+        mem_mb=config["resources"]["cpu_mem_mb"],
+        runtime=config["resources"]["cpu_runtime"],
     params:
         args=stage_args(
             source=MODEL["source"],
-            path=out(config, "model", "demo") if MODEL["source"] == "demo" else MODEL["path"],
+            path=(
+                out(config, "model", "demo")
+                if MODEL["source"] == "demo"
+                else MODEL["path"]
+            ),
             model_id=MODEL["model_id"],
             revision=MODEL["revision"],
             trust_remote_code=MODEL["trust_remote_code"],
         ),
-    log:
-        out(config, "logs", "model.log"),
-    resources:
-        mem_mb=config["resources"]["cpu_mem_mb"],
-        runtime=config["resources"]["cpu_runtime"],
     shell:
         "python {input.script} {params.args} --output {output} > {log} 2>&1"

@@ -9,17 +9,25 @@ rule preflight:
         script=script("preflight"),
     output:
         out(config, "preflight.json"),
-    params:
-        args=stage_args(
-            **pick(TRAINING, "quantization", "max_seq_length", "micro_batch_size", "gradient_checkpointing"),
-            **pick(TRAINING, "lora_r", "target_modules", "bf16"),
-            **pick(config["preflight"], "device", "cpu_max_params", "memory_fraction"),
-        ),
     log:
         out(config, "logs", "preflight.log"),
+    conda:
+        "../envs/finetune.yaml"
     resources:
         mem_mb=config["resources"]["gpu_mem_mb"],
         runtime=10,
         gpu=config["resources"]["gpus"],
+    params:
+        args=stage_args(
+            **pick(
+                TRAINING,
+                "quantization",
+                "max_seq_length",
+                "micro_batch_size",
+                "gradient_checkpointing",
+            ),
+            **pick(TRAINING, "lora_r", "target_modules", "bf16"),
+            **pick(config["preflight"], "device", "cpu_max_params", "memory_fraction"),
+        ),
     shell:
         "python {input.script} {params.args} --model-json {input.model} --output {output} > {log} 2>&1"

@@ -9,14 +9,15 @@ rule summary:
     output:
         manifest=out(config, "manifest.json"),
         env=out(config, "training.env"),
-    params:
-        run_dir=run_dir(config),
-        config=lambda wildcards: json.dumps(config, sort_keys=True),
     log:
         out(config, "logs", "summary.log"),
+    conda:
+        "../envs/finetune.yaml"
     resources:
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
+    params:
+        config=lambda wildcards: json.dumps(config, sort_keys=True),
     shell:
-        "python {input.script} --run-dir {params.run_dir} --config-json {params.config:q}"
+        "python {input.script} --config-json {params.config:q}"
         " --manifest-out {output.manifest} --env-out {output.env} > {log} 2>&1"

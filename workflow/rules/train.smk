@@ -12,19 +12,21 @@ rule train:
     output:
         adapters=directory(out(config, "adapters")),
         metrics=out(config, "metrics", "train.json"),
-    params:
-        args=stage_args(**TRAINING),
-        checkpoints=out(config, "checkpoints"),
-        tensorboard=out(config, "logs", "tensorboard"),
     log:
         out(config, "logs", "train.log"),
     benchmark:
         out(config, "benchmarks", "train.tsv")
+    conda:
+        "../envs/finetune.yaml"
     threads: max(1, config["resources"]["cpus_per_gpu"] * max(1, config["resources"]["gpus"]))
     resources:
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime"],
         gpu=config["resources"]["gpus"],
+    params:
+        args=stage_args(**TRAINING),
+        checkpoints=out(config, "checkpoints"),
+        tensorboard=out(config, "logs", "tensorboard"),
     shell:
         "python {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
         " --eval-data {input.eval} --preflight {input.preflight} --output-dir {output.adapters}"
