@@ -134,8 +134,14 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read JSON Lines; a malformed line is a StageError naming the file and the line."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise StageError(
+                    f"{path} line {lineno}: not valid UTF-8 (byte {err.start + 1} of the line); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
