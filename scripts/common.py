@@ -92,7 +92,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

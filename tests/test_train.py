@@ -1,0 +1,337 @@
+"""Train stage with the real TRL / PEFT / bitsandbytes on the tiny demo model, on the CPU, a few steps per run.
+
+One 4-bit QLoRA run, stopped by SIGUSR1 after step 3 and then resumed to step 8, is shared by the tests that
+inspect QLoRA training, the adapter, the metrics and resuming. The other runs take 1-3 steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import train
+from common import StageError, parse_args, read_json, read_jsonl
+from conftest import DEMO_DATA
+from transformers import TrainerCallback
+
+STEPS, STOP_AT = 8, 3
+FAST = dict(
+    learning_rate=2e-2, lr_scheduler="linear", warmup_ratio=0.0, micro_batch_size=8, gradient_accumulation=1,
+    max_seq_length=256, lora_dropout=0.0, gradient_checkpointing=False, optim="adamw_torch",
+    logging_steps=1, eval_steps=4, save_steps=4,
+)
+
+
+class StepCounter(TrainerCallback):
+    """Optimizer steps taken in this run (a resumed run takes fewer)."""
+
+    steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+class SignalAt(TrainerCallback):
+    """Sends this process SIGUSR1 after the given step, as Slurm does before the time limit."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@contextmanager
+def captured_log():
+    """The stage's log lines (logger "finetune") while the block runs."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("finetune")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def run(cfg: train.Config, *callbacks) -> tuple[dict | StageError, str, int]:
+    """(metrics, or the StageError it stopped with; the log; optimizer steps taken in this run)."""
+    counter = StepCounter()
+    with captured_log() as lines:
+        try:
+            result = train.main(cfg, callbacks=(counter, *callbacks))
+        except StageError as err:
+            result = err
+    return result, "\n".join(lines), counter.steps
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def make_config(base: Path, out: Path, train_rows: list[dict], eval_rows: list[dict], **overrides) -> train.Config:
+    """Inputs as the earlier stages write them (base model record, data, CPU preflight) and a fast config."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.json").write_text(json.dumps({"path": str(base), "model_id": base.name}))
+    (out / "preflight.json").write_text(json.dumps({"device": "cpu", "bf16": False}))
+    settings = {**FAST, "max_steps": STEPS, **overrides}
+    return train.Config(
+        model_json=str(out / "model.json"),
+        train_data=write_jsonl(out / "train.jsonl", train_rows),
+        eval_data=write_jsonl(out / "eval.jsonl", eval_rows),
+        preflight=str(out / "preflight.json"),
+        output_dir=str(out / "adapters"),
+        metrics_out=str(out / "metrics" / "train.json"),
+        checkpoint_root=settings.pop("checkpoint_root", str(out / "checkpoints")),
+        tensorboard_dir=str(out / "tensorboard"),
+        **settings,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one thread: on 2 shared cores, two threads spin against each other (7x slower measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chats() -> list[dict]:
+    return read_jsonl(DEMO_DATA)[:40]
+
+
+@pytest.fixture(scope="module")
+def qlora(tiny_model, chats, tmp_path_factory) -> dict:
+    """4-bit QLoRA on chat data: stopped by SIGUSR1 after step 3, then run again to the end."""
+    cfg = make_config(tiny_model, tmp_path_factory.mktemp("qlora"), chats[:32], chats[32:])
+    stopped, stopped_log, stopped_steps = run(cfg, SignalAt(STOP_AT))
+    checkpoints_after_stop = sorted(p.name for p in Path(cfg.checkpoint_root).glob("*/checkpoint-*"))
+    metrics, log, steps = run(cfg)
+    return dict(cfg=cfg, stopped=stopped, stopped_log=stopped_log, stopped_steps=stopped_steps,
+                checkpoints_after_stop=checkpoints_after_stop, metrics=metrics, log=log, steps=steps)
+
+
+def test_qlora_trains_and_learns(qlora):
+    m = qlora["metrics"]
+    assert isinstance(m, dict), m
+    assert m["quantization"] == "4bit" and m["device"] == "cpu" and m["loss_mode"] == "assistant_only"
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["adapter_max_abs_change"] > 0
+    assert m["steps"] == STEPS and m["tokens"] > 0 and m["effective_batch_size"] == 8 and m["world_size"] == 1
+    assert m["train_loss_last"] < m["train_loss_first"] * 0.85
+    eval_steps = [e["step"] for e in m["log_history"] if "eval_loss" in e]
+    assert eval_steps[0] == 0, "the baseline eval loss is measured before training"
+    assert m["eval_loss_last"] < m["eval_loss_first"] * 0.9
+    assert read_json(qlora["cfg"].metrics_out) == json.loads(json.dumps(m))
+    assert list(Path(qlora["cfg"].tensorboard_dir).glob("events.out.tfevents.*"))
+    for line in ("Training setup", "effective batch", "Training summary"):
+        assert line in qlora["log"]
+    assert "step 8/8 (100%) | epoch" in qlora["log"] and "tok/s | elapsed" in qlora["log"]
+
+
+def test_adapter_is_saved_whole_and_loads_with_peft(qlora, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(qlora["cfg"].output_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".adapters")], "temporary dirs left"
+    assert "{% generation %}" in AutoTokenizer.from_pretrained(out).chat_template
+    ids = torch.tensor([[1, 20, 30, 40]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, out)
+    assert (tuned(ids).logits - before).abs().max() > 1e-3
+
+
+def test_signal_saves_a_checkpoint_and_the_next_run_resumes(qlora):
+    assert isinstance(qlora["stopped"], StageError)
+    assert "SIGUSR1" in str(qlora["stopped"]) and "resume" in str(qlora["stopped"])
+    assert qlora["stopped_steps"] == STOP_AT and f"checkpoint-{STOP_AT}" in qlora["checkpoints_after_stop"]
+    assert "starting fresh" in qlora["stopped_log"]
+    assert f"resuming from checkpoint-{STOP_AT}" in qlora["log"]
+    assert qlora["steps"] == STEPS - STOP_AT, "the resumed run only trains the remaining steps"
+    m = qlora["metrics"]
+    assert m["resumed_from"].endswith(f"checkpoint-{STOP_AT}")
+    assert [e["step"] for e in m["log_history"] if "loss" in e][:2] == [1, 2], "history of the first part kept"
+
+
+def test_rerun_of_a_finished_run_trains_nothing(qlora):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(qlora["cfg"].output_dir) / "adapter_model.safetensors")
+    metrics, log, steps = run(qlora["cfg"])
+    assert steps == 0 and "nothing left to train" in log
+    assert metrics["steps"] == STEPS and metrics["resumed_from"].endswith(f"checkpoint-{STEPS}")
+    again = load_file(Path(qlora["cfg"].output_dir) / "adapter_model.safetensors")
+    assert all(torch.equal(again[k].float(), v.float()) for k, v in weights.items())
+
+
+def test_changed_setting_does_not_resume(qlora, tiny_model, chats, tmp_path):
+    cfg = make_config(tiny_model, tmp_path, chats[:32], chats[32:], learning_rate=5e-3,
+                      checkpoint_root=qlora["cfg"].checkpoint_root)
+    result, log, steps = run(cfg, SignalAt(1))
+    assert isinstance(result, StageError) and steps == 1
+    assert "starting fresh" in log and "resuming" not in log
+    assert len(list(Path(cfg.checkpoint_root).iterdir())) == 2, "a second fingerprint directory"
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_model, chats, tmp_path):
+    cfg = make_config(tiny_model, tmp_path, chats[:16], chats[32:36], max_steps=2, early_stopping_patience=1,
+                      eval_steps=2, save_steps=3)
+    m, log, _ = run(cfg)
+    assert isinstance(m, dict), m
+    assert "saving every 2 steps" in log, "save steps aligned with eval steps, as load_best_model_at_end needs"
+    assert m["eval_loss_best"] == min(e["eval_loss"] for e in m["log_history"] if "eval_loss" in e)
+
+
+def test_incomplete_checkpoints_are_skipped(qlora, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(qlora["metrics"]["checkpoint_dir"]), run_dir)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert train.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-8"
+    weights = run_dir / "checkpoint-8" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut off while saving
+    assert train.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-4"
+    assert (run_dir / "broken-checkpoint-8").is_dir(), "set aside, out of the trainer's rotation"
+    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()
+    assert train.find_resume_checkpoint(run_dir, is_main=True) is None
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "none"])
+def test_other_load_paths_train(quantization, qlora, tiny_model, chats, tmp_path):
+    cfg = make_config(tiny_model, tmp_path, chats[:16], [], quantization=quantization, max_steps=2)
+    m, _, steps = run(cfg)
+    assert isinstance(m, dict), m
+    assert steps == 2 and m["quantization"] == quantization and m["adapter_max_abs_change"] > 0
+    assert m["trainable_params"] == qlora["metrics"]["trainable_params"]
+    assert m["total_params"] == qlora["metrics"]["total_params"], "4-bit parameters counted unpacked"
+    assert m["eval_loss_first"] is None, "no eval data: no evaluation"
+
+
+@pytest.mark.parametrize("shape", ["prompt_completion", "text"])
+def test_prompt_completion_and_text_data_train(shape, tiny_model, chats, tmp_path):
+    def convert(chat):
+        user, answer = chat["messages"][-2]["content"], chat["messages"][-1]["content"]
+        if shape == "text":
+            return {"text": f"Question: {user}\nAnswer: {answer}"}
+        return {"prompt": f"Question: {user}\nAnswer:", "completion": f" {answer}"}
+
+    rows = [convert(c) for c in chats]
+    m, _, _ = run(make_config(tiny_model, tmp_path, rows[:16], rows[32:36], max_steps=3, eval_steps=10))
+    assert isinstance(m, dict), m
+    assert m["data_format"] == shape
+    assert m["loss_mode"] == ("full" if shape == "text" else "completion_only")
+    assert m["train_loss_last"] < m["train_loss_first"] and m["eval_loss_last"] < m["eval_loss_first"]
+    assert [e["step"] for e in m["log_history"] if "eval_loss" in e] == [0, 3], "baseline and after the last step"
+
+
+@pytest.fixture(scope="module")
+def llama31_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with Llama-3.1-Instruct's stock chat template (as TRL ships it): no {% generation %}."""
+    import trl
+
+    model = tmp_path_factory.mktemp("llama31") / "model"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja", model / "chat_template.jinja")
+    return model
+
+
+def test_stock_template_without_generation_markers_trains_prompt_completion(llama31_model, chats, tmp_path):
+    m, log, _ = run(make_config(llama31_model, tmp_path, chats[:16], [], max_steps=2))
+    assert isinstance(m, dict), m
+    assert m["loss_mode"] == "completion_only" and "no {% generation %} markers" in log
+
+
+@pytest.mark.parametrize("template", ["demo", "llama3.1"])
+def test_loss_covers_only_the_reply(template, tiny_model, llama31_model, chats, tmp_path):
+    """With either template the tokens that carry loss are exactly the assistant's reply and its end of turn."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model if template == "demo" else llama31_model
+    cfg = make_config(model, tmp_path, chats[:2], [], quantization="none")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    mode = train.loss_mode("messages", tokenizer, assistant_only=True)
+    args = train.sft_config(cfg, tmp_path / "ckpt", cpu=True, bf16=False, has_eval=False, resuming=False,
+                            mode=mode, trust_remote_code=False)
+    dataset = train.to_dataset(chats[:2], "messages", mode)
+    example = train.build_trainer(cfg, str(model), args, tokenizer, dataset, None, []).train_dataset[0]
+    trained = [token for token, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    assert mode == ("assistant_only" if template == "demo" else "completion_only")
+    assert tokenizer.decode(trained) == chats[0]["messages"][-1]["content"] + "<|eot_id|>"
+
+
+def test_to_prompt_completion_keeps_earlier_turns_as_context():
+    turns = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    assert train.to_prompt_completion(turns) == {"prompt": turns[:4], "completion": turns[4:]}
+    with pytest.raises(StageError, match="no assistant turn"):
+        train.to_prompt_completion(turns[:2])
+
+
+def test_bad_data_is_a_clear_error(tmp_path, tiny_model, chats):
+    cfg = make_config(tiny_model, tmp_path, chats[:2] + [{"text": "x"}], [])
+    with pytest.raises(StageError, match="mixed formats"):
+        train.read_data(cfg)
+    cfg = make_config(tiny_model, tmp_path, [], [])
+    with pytest.raises(StageError, match="no rows"):
+        train.read_data(cfg)
+    cfg = make_config(tiny_model, tmp_path, chats[:2], [{"text": "x"}])
+    with pytest.raises(StageError, match="training data is messages"):
+        train.read_data(cfg)
+
+
+@pytest.mark.parametrize("preset", ["demo", "llama3-8b-medical"])
+def test_arguments_from_the_rule_parse(preset):
+    """What the rule passes (every key of `training:` as --key value) parses into Config unchanged."""
+    import helpers
+
+    training = helpers.resolve_config({"run_name": "t", "preset": preset})["training"]
+    paths = " ".join(f"--{f.replace('_', '-')} /x/{f}" for f in train.PATH_FIELDS)
+    cfg = parse_args(train.Config, shlex.split(f"{helpers.stage_args(**training)} {paths}"))
+    for key, value in training.items():
+        assert getattr(cfg, key) == (str(value).lower() if key == "bf16" else value), key
+    assert train.resolve_bf16(cfg.bf16, {"bf16": True}) is (training["bf16"] in ("auto", True))
+
+
+def test_config_defaults_are_the_schema_defaults():
+    import helpers
+
+    schema = helpers.load_schema()["properties"]["training"]["properties"]
+    defaults = train.Config(**{f: "" for f in train.PATH_FIELDS})
+    assert {k: getattr(defaults, k) for k in schema} == {k: v["default"] for k, v in schema.items()}
+
+
+def test_list_null_and_boolean_arguments():
+    paths = [arg for f in train.PATH_FIELDS for arg in (f"--{f.replace('_', '-')}", f"/x/{f}")]
+    cfg = parse_args(train.Config, [*paths, "--target-modules", '["q_proj","v_proj"]', "--bf16", "false",
+                                    "--early-stopping-patience", "null", "--packing", "true"])
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.early_stopping_patience is None and cfg.packing is True
+    assert train.resolve_bf16(cfg.bf16, {"bf16": True}) is False
+    with pytest.raises(StageError, match="true, false or auto"):
+        train.resolve_bf16("maybe", {})
