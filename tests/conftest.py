@@ -35,3 +35,14 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model") / "model"
     build_demo_model.main(build_demo_model.Config(data=str(DEMO_DATA), output=str(out)))
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tiny model's matrices are far too small to gain from threads; on 2 shared cores a second thread
+    made training many times slower."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
