@@ -3,6 +3,7 @@ and shared by the tests that inspect them: every process that imports trl/peft p
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 DEMO_DATA = REPO / "data" / "demo" / "medical_qa.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(REPO / "workflow"))
 
@@ -46,3 +48,37 @@ def one_torch_thread():
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+# --- helpers shared by the merge and evaluate tests ---------------------------------------------------------
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int = 0, scale: float = 0.05, **lora: object) -> Path:
+    """A LoRA adapter as the train stage saves it (adapter files + tokenizer), with seeded non-zero lora_B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM", **lora
+    )
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def demo_rows(start: int, stop: int) -> list[dict]:
+    lines = DEMO_DATA.read_text().splitlines()[start:stop]
+    return [json.loads(line) for line in lines]

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_merge import demo_rows, make_adapter, write_rows
+from conftest import demo_rows, make_adapter, write_rows
 
 METRIC_KEYS = {
     "base_eval_loss",
@@ -27,17 +27,6 @@ METRIC_KEYS = {
     "peak_memory",
 }
 SAMPLE_KEYS = {"split", "prompt", "reference", "generated", "exact", "f1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is much faster than two on a busy 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

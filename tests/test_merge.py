@@ -9,43 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import demo_rows, make_adapter, write_rows
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "data" / "demo" / "medical_qa.jsonl"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# --- helpers (test_evaluate.py imports these) -------------------------------------------------------------------
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int = 0, scale: float = 0.05, **lora: object) -> Path:
-    """A LoRA adapter as the train stage saves it (adapter files + tokenizer), with seeded non-zero lora_B."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM", **lora
-    )
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
-    return out
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def demo_rows(start: int, stop: int) -> list[dict]:
-    lines = DEMO_DATA.read_text().splitlines()[start:stop]
-    return [json.loads(line) for line in lines]
+# --- helpers ----------------------------------------------------------------------------------------------------
 
 
 def logits(model, tokenizer, texts: list[str]):
@@ -64,18 +30,6 @@ def digest(directory: Path) -> dict[str, str]:
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small for threads: on a busy 2-core machine two OpenMP threads make every
-    matmul ~50x slower than one."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

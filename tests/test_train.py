@@ -101,17 +101,6 @@ def make_config(base: Path, out: Path, train_rows: list[dict], eval_rows: list[d
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one thread: on 2 shared cores, two threads spin against each other (7x slower measured)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def chats() -> list[dict]:
     return read_jsonl(DEMO_DATA)[:40]
