@@ -140,7 +140,9 @@ def main(cfg: Config) -> dict:
     metrics = load_metrics(run_dir)
     manifest = {
         "run_name": effective.get("run_name"),
-        "model": {k: model.get(k) for k in ("source", "model_id", "revision", "num_parameters", "fingerprint")},
+        "model": {
+            k: model.get(k) for k in ("source", "model_id", "revision", "commit", "num_parameters", "fingerprint")
+        },
         "config": redact(flatten(effective)),
         "metrics": metrics,
         "versions": versions(),

@@ -55,7 +55,10 @@ def test_incomplete_model_directory_is_named(model_copy, tmp_path, breakage, exp
     assert not (tmp_path / "model.json").exists()
 
 
-def test_hub_source_says_it_is_not_available_yet(tmp_path):
-    cfg = prepare_model.Config(output=str(tmp_path / "m.json"), source="hub", model_id="org/model")
-    with pytest.raises(StageError, match="model.source hub .* is not available"):
-        prepare_model.main(cfg)
+def test_lfs_pointers_instead_of_weights_are_named(model_copy, tmp_path):
+    """A directory cloned without git-lfs holds pointer files: say so, not "corrupt safetensors"."""
+    (model_copy / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123\n"
+    )
+    with pytest.raises(StageError, match="model.safetensors are git-lfs pointer files.*git lfs pull"):
+        record(model_copy, tmp_path)

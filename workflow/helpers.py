@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -151,13 +153,35 @@ def _preset(kind: str, key: str, name: Any) -> dict:
     return presets[name].get("config") or {}
 
 
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_hub_model(model: dict) -> None:
+    """model.source hub: the id keys the cache (org/name), the URL is one git can clone and holds no secret."""
+    if not model.get("model_id"):
+        raise ConfigError("config key model.model_id: required when model.source is hub (e.g. meta-llama/Llama-3.1-8B)")
+    if not HUB_MODEL_ID.fullmatch(model["model_id"]):
+        raise ConfigError(
+            f"config key model.model_id: {model['model_id']!r} is not a hub id org/name "
+            "(e.g. meta-llama/Llama-3.1-8B-Instruct); use the full id shown on the model's hub page"
+        )
+    url = urlsplit(model["hub_url"])
+    if url.scheme not in ("https", "http", "file"):
+        raise ConfigError(f"config key model.hub_url: {model['hub_url']!r} is not an https://, http:// or file:// URL")
+    if url.username or url.password:
+        raise ConfigError(
+            "config key model.hub_url: holds credentials; remove them and give the token through HF_TOKEN or "
+            "model.token_file"
+        )
+
+
 def check_consistency(cfg: dict) -> None:
     """Rules that span several keys, which the schema cannot say clearly."""
     model = cfg["model"]
     if model["source"] == "local" and not model.get("path"):
         raise ConfigError("config key model.path: required when model.source is local (a directory with config.json)")
-    if model["source"] == "hub" and not model.get("model_id"):
-        raise ConfigError("config key model.model_id: required when model.source is hub (e.g. meta-llama/Llama-3.1-8B)")
+    if model["source"] == "hub":
+        check_hub_model(model)
     train = cfg["training"]
     if train["lora_alpha"] <= 0 or train["lora_r"] <= 0:
         raise ConfigError("config keys training.lora_r and training.lora_alpha must be positive")

@@ -1,7 +1,31 @@
 # Model stage: make the base model available and record where it is (model.json).
-# Sources: demo (build the tiny model), local (a directory). The hub source (git-lfs cache) plugs in here.
+# Sources: demo (build the tiny model), local (a directory), hub (a git-lfs clone into the shared cache,
+# scripts/hub_cache.py). `model` is a CPU job of its own so that a profile can send it where the network is
+# (a login or transfer partition) while the GPU stages run on nodes without internet.
 
 MODEL = config["model"]
+# What the base model is: a change re-runs the model stage and every stage after it.
+MODEL_SETTINGS = (
+    pick(
+        MODEL, "source", "model_id", "revision", "model_cache_dir", "trust_remote_code"
+    )
+    if MODEL["source"] == "hub"
+    else {
+        **pick(MODEL, "source", "model_id", "revision", "trust_remote_code"),
+        "path": (
+            out(config, "model", "demo") if MODEL["source"] == "demo" else MODEL["path"]
+        ),
+    }
+)
+# How to fetch a hub model, not what it is. Passed as a resource, which Snakemake does not compare between
+# runs (params it does): a new mirror URL, token file or disk reserve, or asking for an update, re-runs
+# nothing by itself and takes effect when the model stage runs. The token is never here: the job reads it
+# from HF_TOKEN or from the token file.
+HUB_FETCH = (
+    stage_args(**pick(MODEL, "hub_url", "token_file", "update", "min_free_gb"))
+    if MODEL["source"] == "hub"
+    else ""
+)
 
 
 rule build_demo_model:
@@ -34,17 +58,8 @@ rule model:
     resources:
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
+        hub_fetch=HUB_FETCH,
     params:
-        args=stage_args(
-            source=MODEL["source"],
-            path=(
-                out(config, "model", "demo")
-                if MODEL["source"] == "demo"
-                else MODEL["path"]
-            ),
-            model_id=MODEL["model_id"],
-            revision=MODEL["revision"],
-            trust_remote_code=MODEL["trust_remote_code"],
-        ),
+        args=stage_args(**MODEL_SETTINGS),
     shell:
-        "python {input.script} {params.args} --output {output} > {log} 2>&1"
+        "python {input.script} {params.args} {resources.hub_fetch} --output {output} > {log} 2>&1"
