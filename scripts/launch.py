@@ -1,0 +1,182 @@
+"""Start the training script with as many processes as the job was given GPUs.
+
+    python scripts/launch.py --gpus 2 [--processes 0] [--nodes 1] [--port 29500] -- scripts/train.py --arg ...
+
+Processes per node: `--processes` when above 0 (a config override, e.g. to test two processes on a CPU), else the
+GPUs that Slurm allocated to this job on this node (SLURM_GPUS_ON_NODE, then the count in CUDA_VISIBLE_DEVICES),
+else `--gpus` (outside Slurm); 1 when `--gpus` is 0. A visible device is no proof of a usable GPU: the trainer
+decides the device from the preflight report and falls back to gloo on the CPU.
+
+- 1 process, 1 node: `python train.py`.
+- N processes, 1 node: `torchrun --standalone --nproc-per-node N` (NCCL on GPUs, gloo on the CPU).
+- M nodes (`--nodes` > 1, inside a Slurm job with M nodes): `srun --nodes M --ntasks-per-node 1` starts one
+  torchrun per node, with the c10d rendezvous on the job's first node (`--port`), rendezvous id the job id.
+
+Time limits: inside a Slurm job the launcher reads the job's end time (squeue) and, `--stop-before` seconds
+before it, asks the workers to checkpoint and stop; the next run resumes from that checkpoint.
+SIGTERM/SIGUSR1 sent to the launcher reach the workers as SIGUSR1: they save a checkpoint and exit 2; the launcher
+exits with their status (see run()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+STOP = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def visible_devices(value: str | None) -> int:
+    """Devices listed in CUDA_VISIBLE_DEVICES; 0 for unset, empty, "-1" or Slurm's "NoDevFiles"."""
+    if not value or value.strip() in ("-1", "NoDevFiles"):
+        return 0
+    return len([d for d in value.split(",") if d.strip()])
+
+
+def processes_per_node(requested_gpus: int, override: int, env: Mapping[str, str]) -> tuple[int, str]:
+    """(processes, where the number came from)."""
+    if override > 0:
+        return override, "resources.processes_per_node"
+    if requested_gpus <= 0:
+        return 1, "no GPUs requested"
+    on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if on_node.isdigit() and int(on_node) > 0:
+        return int(on_node), "SLURM_GPUS_ON_NODE"
+    if visible_devices(env.get("CUDA_VISIBLE_DEVICES")):
+        return visible_devices(env.get("CUDA_VISIBLE_DEVICES")), "CUDA_VISIBLE_DEVICES"
+    return requested_gpus, "resources.gpus (no allocation in the environment)"
+
+
+def first_node(env: Mapping[str, str]) -> str:
+    """The first host of the job's allocation (the rendezvous host)."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist and env.get("SLURM_JOB_ID"):  # Snakemake's job step keeps only the job id
+        nodelist = subprocess.run(["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%N"], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+    if not nodelist:
+        raise SystemExit("launch.py: --nodes > 1 needs a Slurm allocation (SLURM_JOB_ID is not set)")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return hosts.stdout.split()[0]
+
+
+def command(script: list[str], processes: int, nodes: int, port: int, env: Mapping[str, str],
+            srun: bool = False) -> list[str]:
+    """The command line that starts `script` (the trainer and its arguments). srun: the multi-node form even for
+    one node (tests exercise the srun + rendezvous path on one machine with it)."""
+    srun = srun or nodes > 1
+    if not srun and processes <= 1:
+        return [sys.executable, *script]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if not srun:
+        return [*torchrun, "--standalone", *script]
+    job = env.get("SLURM_JOB_ID", "finetune")
+    rendezvous = [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node(env)}:{port}",
+                  f"--rdzv-id={job}", "--max-restarts=0"]
+    srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    # On each node torchrun starts with the stop signals ignored, as here (srun does not pass that on): srun
+    # forwards the launcher's SIGUSR1 to every process of the step, and only the trainers act on it.
+    ignoring = [sys.executable, os.path.abspath(__file__), "--exec-ignoring-stop-signals", "--"]
+    return [*srun, *ignoring, *torchrun, *rendezvous, *script]
+
+
+def job_end_time(env: Mapping[str, str]) -> float | None:
+    """When Slurm ends this job (its time limit), as a Unix time; None outside Slurm or without a limit."""
+    job = env.get("SLURM_JOB_ID")
+    if not job or not shutil.which("squeue"):
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=60)
+        return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return None
+
+
+def run(cmd: list[str], deadline: float | None = None, resend_every: float = 5.0) -> int:
+    """Run cmd in its own process group and wait for it. SIGTERM or SIGUSR1 (Slurm, before the time limit) become a
+    SIGUSR1 to the whole group: the trainers checkpoint and stop, torchrun is left alone and reports how they ended.
+    The workers start with SIGTERM and SIGUSR1 ignored, until the trainer installs its handler (imports take
+    seconds): a signal that comes earlier is not fatal, and the launcher repeats it until the workers are gone."""
+    stop = {s: signal.signal(s, signal.SIG_IGN) for s in STOP}
+    try:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+    finally:
+        for signum, old in stop.items():
+            signal.signal(signum, old)
+    received: list[int] = []
+
+    def on_stop(signum, frame):
+        if not received:
+            print(f"launch.py: {signal.Signals(signum).name} received: asking the workers to checkpoint and stop",
+                  flush=True)
+        received.append(signum)
+        _signal_group(proc, signal.SIGUSR1)
+
+    for signum in STOP:
+        signal.signal(signum, on_stop)
+    signal.signal(signal.SIGINT, lambda signum, frame: _signal_group(proc, signal.SIGINT))
+    while True:
+        try:
+            return proc.wait(timeout=resend_every)
+        except subprocess.TimeoutExpired:
+            if deadline and not received and time.time() >= deadline:
+                print("launch.py: the job's time limit is near: asking the workers to checkpoint and stop",
+                      flush=True)
+                received.append(signal.SIGUSR1)
+            if received:
+                _signal_group(proc, signal.SIGUSR1)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs the job asked for (resources.gpus)")
+    parser.add_argument("--processes", type=int, default=0, help="processes per node; 0: from the allocation")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of the job (resources.nodes)")
+    parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    parser.add_argument("--exec-ignoring-stop-signals", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--srun", action="store_true",
+                        help="start through srun with a rendezvous even on one node (what --nodes > 1 does)")
+    parser.add_argument("--stop-before", type=int, default=300,
+                        help="seconds before the Slurm job's time limit to checkpoint and stop; 0: never")
+    parser.add_argument("script", nargs=argparse.REMAINDER, help="-- the trainer and its arguments")
+    args = parser.parse_args(argv)
+    script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    if not script:
+        parser.error("give the trainer after --")
+    if args.exec_ignoring_stop_signals:  # one node's part of a multi-node launch (see command())
+        for signum in STOP:
+            signal.signal(signum, signal.SIG_IGN)
+        os.execv(script[0], script)
+    env = os.environ
+    processes, source = processes_per_node(args.gpus, args.processes, env)
+    cmd = command(script, processes, args.nodes, args.port, env, srun=args.srun)
+    print(f"launch.py: {args.nodes} node(s) x {processes} process(es) per node ({source}); "
+          f"world size {args.nodes * processes}; CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r}",
+          flush=True)
+    print(f"launch.py: {shlex.join(cmd)}", flush=True)
+    if cmd[0] == "srun" and not shutil.which("srun"):
+        raise SystemExit("launch.py: --nodes > 1 needs srun (run inside a Slurm job)")
+    deadline = None
+    end = job_end_time(env) if args.stop_before > 0 else None
+    if end:
+        deadline = end - args.stop_before
+        print(f"launch.py: the job ends at {time.strftime('%H:%M:%S', time.localtime(end))}: checkpoint and stop at "
+              f"{time.strftime('%H:%M:%S', time.localtime(deadline))}", flush=True)
+    return run(cmd, deadline)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
