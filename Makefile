@@ -1,6 +1,8 @@
 # make demo   create the environment and run the whole pipeline on the embedded demo (CPU, offline)
 # make test   create the environment and run the test suite
 # make lint   snakemake --lint, snakefmt --check, ruff
+# make bench  our train stage vs a plain TRL+PEFT baseline (8B architecture on a GPU, the tiny model on the CPU);
+#             BENCH_ARGS="--preset mistral-7b" picks another; scripts/bench.py merge|workflow for the others
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint clean
+.PHONY: env demo test lint bench clean
 
 env: $(STAMP)
 
@@ -26,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py train $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -21,6 +21,12 @@ import json  # noqa: E402
 
 from helpers import (  # noqa: E402
     ConfigError,
+    check_container,
+    container_definition,
+    container_image,
+    container_on,
+    container_prefix,
+    project_commit,
     final_model,
     local_dataset,
     out,
@@ -39,6 +45,7 @@ config.clear()
 config.update(_resolved)
 
 
+include: "workflow/rules/container.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/preflight.smk"

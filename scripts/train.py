@@ -82,6 +82,26 @@ class Config:
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "optimizer name as transformers knows it"})
     seed: int = field(default=42, metadata={"help": "seed of the training run"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "dataloader worker processes"})
+    # speed levers (README "Performance"; scripts/bench.py measures them)
+    padding_free: bool | str = field(
+        default="auto", metadata={"help": "micro-batches without pad tokens (rows concatenated, positions restarted): "
+                                          "true, false, or auto (with flash attention only)"}
+    )
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "auto (flash_attention_2 when installed on a GPU, else sdpa), sdpa, "
+                                          "flash_attention_2, flash_attention_3, eager"}
+    )
+    gradient_checkpointing_mode: str = field(
+        default="non_reentrant", metadata={"help": "non_reentrant, reentrant, or offload (activations to host)"}
+    )
+    gradient_checkpointing_every_n_layers: int = field(
+        default=1, metadata={"help": "checkpoint every n-th decoder layer (1: all; more: faster, more memory)"}
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
+    liger_kernels: bool = field(
+        default=False, metadata={"help": "Liger fused kernels (RMSNorm, RoPE, SwiGLU); needs liger-kernel + a GPU"}
+    )
+    dataloader_pin_memory: bool = field(default=True, metadata={"help": "page-locked batches for faster copies"})
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -261,6 +281,75 @@ def quantization_config(quantization: str, compute_dtype):
     raise StageError(f"training.quantization must be 4bit, 8bit or none, got {quantization!r}")
 
 
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager")
+CHECKPOINTING_MODES = ("non_reentrant", "reentrant", "offload")
+
+
+def attention_implementation(choice: str, cpu: bool, bf16: bool = True) -> str:
+    """The attention kernel: auto takes flash_attention_2 where flash-attn is installed and a GPU trains in bf16
+    (flash-attn has no float32 kernels), else PyTorch's SDPA (fused on GPUs; transformers masks padding-free and
+    packed rows correctly with it)."""
+    import importlib.util
+
+    if choice not in ATTENTION:
+        raise StageError(f"training.attn_implementation must be one of {', '.join(ATTENTION)}, got {choice!r}")
+    if choice == "auto":
+        return "flash_attention_2" if not cpu and bf16 and importlib.util.find_spec("flash_attn") else "sdpa"
+    if choice.startswith("flash") and cpu:
+        raise StageError(f"training.attn_implementation {choice} needs a GPU; use sdpa or auto on the CPU")
+    if choice == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+        raise StageError("training.attn_implementation flash_attention_2 needs the flash-attn package; use auto or sdpa")
+    return choice
+
+
+def resolve_padding_free(value: bool | str, attention: str) -> bool:
+    """auto: padding-free only with flash attention, whose varlen kernel attends within each row. With sdpa/eager
+    the rows of a flattened micro-batch stay apart through a block mask over the whole flattened sequence, whose
+    cost grows with its square: slower than padding there (measured: half the tokens/s on the demo)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    if str(value).lower() == "auto":
+        return attention.startswith("flash")
+    raise StageError(f"training.padding_free must be true, false or auto, got {value!r}")
+
+
+def speed_settings(cfg: Config, *, cpu: bool, new_name: bool, attention: str = "sdpa") -> dict:
+    """The SFTConfig arguments of the speed levers (padding-free batches, checkpointing mode, torch.compile, Liger,
+    dataloader); the attention kernel (`attention`, resolved) goes to the model loading (model_init_kwargs)."""
+    import importlib.util
+
+    if cfg.gradient_checkpointing_mode not in CHECKPOINTING_MODES:
+        raise StageError(f"training.gradient_checkpointing_mode must be one of {', '.join(CHECKPOINTING_MODES)}, got "
+                         f"{cfg.gradient_checkpointing_mode!r}")
+    if cfg.liger_kernels and (cpu or not importlib.util.find_spec("liger_kernel")):
+        raise StageError("training.liger_kernels needs the liger-kernel package and a GPU (it is not in the pinned "
+                         "stack: pip install liger-kernel where triton works); set it to false")
+    kwargs = {"use_reentrant": cfg.gradient_checkpointing_mode == "reentrant"}
+    if cfg.gradient_checkpointing_mode == "offload":
+        kwargs["offload"] = True
+    if cfg.gradient_checkpointing_every_n_layers > 1:
+        kwargs["every_n_layers"] = cfg.gradient_checkpointing_every_n_layers
+    name = "activation_checkpointing" if new_name else "gradient_checkpointing"
+    settings = {
+        name: cfg.gradient_checkpointing,
+        f"{name}_kwargs": kwargs if cfg.gradient_checkpointing else None,
+        "padding_free": resolve_padding_free(cfg.padding_free, attention),
+        "torch_compile": cfg.torch_compile,
+        "dataloader_num_workers": cfg.dataloader_num_workers,
+        "dataloader_pin_memory": cfg.dataloader_pin_memory and not cpu,
+        "dataloader_persistent_workers": cfg.dataloader_num_workers > 0,
+    }
+    if cfg.liger_kernels:  # layer kernels only: TRL 1.16 keeps its own fused (chunked) LM-head loss
+        settings.update(use_liger_kernel=True, liger_kernel_config={"rms_norm": True, "rope": True, "swiglu": True,
+                                                                    "cross_entropy": False})
+    if settings["padding_free"] and not cfg.packing:
+        # TRL will not cut padding-free rows at max_length; the data stage already enforces it (dataset.long_rows)
+        settings["max_length"] = None
+    return settings
+
+
 def sft_config(cfg: Config, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: bool, resuming: bool, mode: str,
                trust_remote_code: bool):
     """The SFTConfig for the settings: one place that maps the workflow's keys to TRL's."""
@@ -277,8 +366,9 @@ def sft_config(cfg: Config, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: b
         save_steps = cfg.eval_steps
     # transformers 5.23 calls it activation_checkpointing; older releases only know gradient_checkpointing
     new_name = "activation_checkpointing" in SFTConfig.__dataclass_fields__
-    checkpointing = {"activation_checkpointing" if new_name else "gradient_checkpointing": cfg.gradient_checkpointing}
-    return SFTConfig(
+    attention = attention_implementation(cfg.attn_implementation, cpu, bf16)
+    speed = speed_settings(cfg, cpu=cpu, new_name=new_name, attention=attention)
+    settings = dict(
         output_dir=str(run_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -304,7 +394,6 @@ def sft_config(cfg: Config, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: b
         load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss" if early_stopping else None,
         greater_is_better=False if early_stopping else None,
-        dataloader_num_workers=cfg.dataloader_num_workers,
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward pass
         report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding",
@@ -316,9 +405,10 @@ def sft_config(cfg: Config, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: b
             "dtype": torch.bfloat16 if bf16 else torch.float32,
             "device_map": "cpu" if cpu else {"": int(os.environ.get("LOCAL_RANK", 0))},
             "trust_remote_code": trust_remote_code,
+            "attn_implementation": attention,
         },
-        **checkpointing,
     )
+    return SFTConfig(**{**settings, **speed})
 
 
 def build_trainer(cfg: Config, model_path: str, args, tokenizer, train_ds, eval_ds, callbacks: list):

@@ -8,6 +8,7 @@ rule prepare_data:
         model=out(config, "model", "model.json"),
         data=local_dataset(DATASET["path"]),
         script=script("prepare_data"),
+        image=CONTAINER_IMAGE,
     output:
         train=out(config, "data", "train.jsonl"),
         eval=out(config, "data", "eval.jsonl"),
@@ -17,6 +18,7 @@ rule prepare_data:
     conda:
         "../envs/finetune.yaml"
     resources:
+        in_image=IN_IMAGE,
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
     params:
@@ -36,5 +38,5 @@ rule prepare_data:
             max_seq_length=config["training"]["max_seq_length"],
         ),
     shell:
-        "python {input.script} {params.args} --model-json {input.model}"
+        "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"
         " --train-out {output.train} --eval-out {output.eval} --report-out {output.report} > {log} 2>&1"

@@ -1,6 +1,8 @@
 # Evaluate stage: held-out loss of the base and the fine-tuned model, and greedy answers compared with the
 # reference answers of training and held-out rows.
 
+from helpers import scaled  # memory and time grow on each retry
+
 EVALUATE = config["evaluate"]
 
 
@@ -11,6 +13,7 @@ rule evaluate:
         train=out(config, "data", "train.jsonl"),
         eval=out(config, "data", "eval.jsonl"),
         script=script("evaluate"),
+        image=CONTAINER_IMAGE,
     output:
         metrics=out(config, "metrics", "evaluate.json"),
         samples=out(config, "eval", "samples.jsonl"),
@@ -21,8 +24,9 @@ rule evaluate:
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=config["resources"]["gpu_mem_mb"],
-        runtime=config["resources"]["gpu_runtime"],
+        in_image=IN_IMAGE,
+        mem_mb=scaled(config, config["resources"]["gpu_mem_mb"]),
+        runtime=scaled(config, config["resources"]["gpu_runtime"]),
         gpu=config["resources"]["gpus"],
     params:
         args=stage_args(
@@ -30,6 +34,6 @@ rule evaluate:
             merged=config["merge"]["merge_full_weights"],
         ),
     shell:
-        "python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
+        "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
         " --train-data {input.train} --eval-data {input.eval} --metrics-out {output.metrics}"
         " --samples-out {output.samples} > {log} 2>&1"

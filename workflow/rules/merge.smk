@@ -1,6 +1,8 @@
 # Merge stage: reload the base unquantised, merge the adapter, save full weights, and prove that the merged
 # model's logits match base+adapter.
 
+from helpers import scaled  # memory and time grow on each retry
+
 MERGE = config["merge"]
 
 
@@ -10,6 +12,8 @@ rule merge:
         adapters=out(config, "adapters"),
         eval=out(config, "data", "eval.jsonl"),
         script=script("merge"),
+        streaming=script("merge_streaming"),
+        image=CONTAINER_IMAGE,
     output:
         merged=directory(out(config, "merged")),
         report=out(config, "metrics", "merge.json"),
@@ -20,8 +24,9 @@ rule merge:
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=config["resources"]["gpu_mem_mb"],
-        runtime=config["resources"]["gpu_runtime"],
+        in_image=IN_IMAGE,
+        mem_mb=scaled(config, config["resources"]["gpu_mem_mb"]),
+        runtime=scaled(config, config["resources"]["gpu_runtime"]),
         gpu=config["resources"]["gpus"],
     params:
         args=stage_args(
@@ -32,8 +37,9 @@ rule merge:
                 "max_shard_size",
                 "check_samples",
                 "tolerance",
+                "streaming",
             )
         ),
     shell:
-        "python {input.script} {params.args} --model-json {input.model} --adapter-dir {input.adapters}"
+        "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --adapter-dir {input.adapters}"
         " --eval-data {input.eval} --output-dir {output.merged} --report-out {output.report} > {log} 2>&1"

@@ -32,6 +32,7 @@ rule build_demo_model:
     input:
         data=config["dataset"]["path"],
         script=script("build_demo_model"),
+        image=CONTAINER_IMAGE,
     output:
         directory(out(config, "model", "demo")),
     log:
@@ -39,10 +40,11 @@ rule build_demo_model:
     conda:
         "../envs/finetune.yaml"
     resources:
+        in_image=IN_IMAGE,
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
     shell:
-        "python {input.script} --data {input.data} --output {output} > {log} 2>&1"
+        "{resources.in_image}python {input.script} --data {input.data} --output {output} > {log} 2>&1"
 
 
 rule model:

@@ -7,6 +7,7 @@ rule preflight:
     input:
         model=out(config, "model", "model.json"),
         script=script("preflight"),
+        image=CONTAINER_IMAGE,
     output:
         out(config, "preflight.json"),
     log:
@@ -14,6 +15,7 @@ rule preflight:
     conda:
         "../envs/finetune.yaml"
     resources:
+        in_image=IN_IMAGE,
         mem_mb=config["resources"]["gpu_mem_mb"],
         runtime=10,
         gpu=config["resources"]["gpus"],
@@ -30,4 +32,4 @@ rule preflight:
             **pick(config["preflight"], "device", "cpu_max_params", "memory_fraction"),
         ),
     shell:
-        "python {input.script} {params.args} --model-json {input.model} --output {output} > {log} 2>&1"
+        "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --output {output} > {log} 2>&1"

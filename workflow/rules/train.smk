@@ -1,5 +1,10 @@
 # Train stage: TRL SFTTrainer with LoRA / QLoRA. Checkpoints live outside the declared outputs (keyed by a
 # fingerprint of the training settings) so that an interrupted run resumes instead of starting over.
+# scripts/launch.py starts one process per allocated GPU (torchrun), or one launcher per node through srun; `exec`
+# leaves no shell between Snakemake and the launcher. In a Slurm job the launcher has training checkpoint and stop
+# resources.train_stop_before seconds before the time limit; the next run (or a retry) resumes.
+
+from helpers import scaled, train_placement
 
 
 rule train:
@@ -9,6 +14,7 @@ rule train:
         eval=out(config, "data", "eval.jsonl"),
         preflight=out(config, "preflight.json"),
         script=script("train"),
+        image=CONTAINER_IMAGE,
     output:
         adapters=directory(out(config, "adapters")),
         metrics=out(config, "metrics", "train.json"),
@@ -20,15 +26,24 @@ rule train:
         "../envs/finetune.yaml"
     threads: max(1, config["resources"]["cpus_per_gpu"] * max(1, config["resources"]["gpus"]))
     resources:
-        mem_mb=config["resources"]["train_mem_mb"],
-        runtime=config["resources"]["train_runtime"],
-        gpu=config["resources"]["gpus"],
+        **train_placement(config),
+        in_image=IN_IMAGE,
+        mem_mb=scaled(config, config["resources"]["train_mem_mb"]),
+        runtime=scaled(config, config["resources"]["train_runtime"]),
+        stop_before=config["resources"]["train_stop_before"],
     params:
         args=stage_args(**TRAINING),
+        launch=stage_args(
+            **pick(config["resources"], "gpus", "nodes"),
+            processes=config["resources"]["processes_per_node"],
+        ),
+        launcher=script("launch"),
         checkpoints=out(config, "checkpoints"),
         tensorboard=out(config, "logs", "tensorboard"),
     shell:
-        "python {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
+        "exec {resources.in_image}python {params.launcher} {params.launch}"
+        " --stop-before {resources.stop_before} --"
+        " {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
         " --eval-data {input.eval} --preflight {input.preflight} --output-dir {output.adapters}"
         " --metrics-out {output.metrics} --checkpoint-root {params.checkpoints}"
         " --tensorboard-dir {params.tensorboard} > {log} 2>&1"
