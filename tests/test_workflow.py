@@ -1,0 +1,145 @@
+"""The workflow end to end: one real demo run (tiny model, real 4-bit QLoRA on the CPU), shared by the tests that
+inspect it; then what Snakemake decides to re-run after changes; and the linters."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from common import read_jsonl, sha256_file
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+SECRET = "hf_e2eTestTokenNeverWrittenAnywhere0123"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_TOKEN": SECRET, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [*SNAKEMAKE, "--profile", str(REPO / "profiles" / "local"), "--cores", "2", *args],
+        cwd=workdir, env=env, capture_output=True, text=True,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    """Rule names from the 'Job stats' table of a dry run; empty when there is nothing to do."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return set()
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """A project directory as a user has it (config.yaml, data/), with the demo run completed in it."""
+    workdir = tmp_path_factory.mktemp("project")
+    (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (workdir / "data").symlink_to(REPO / "data")
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def run_dir(demo) -> Path:
+    return demo / "results" / "demo"
+
+
+def metrics(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "metrics" / f"{name}.json").read_text())
+
+
+def test_the_run_has_every_output(run_dir):
+    for path in (
+        "adapters/adapter_model.safetensors", "adapters/adapter_config.json",
+        "merged/model.safetensors", "merged/config.json", "merged/tokenizer.json", "merged/generation_config.json",
+        "training.env", "manifest.json", "preflight.json", "data/report.json",
+    ):
+        assert (run_dir / path).is_file(), path
+    for stage in ("build_demo_model", "model", "prepare_data", "preflight", "train", "merge", "evaluate", "summary"):
+        assert (run_dir / "logs" / f"{stage}.log").is_file(), stage
+    assert (run_dir / "benchmarks" / "train.tsv").is_file()
+
+
+def test_the_model_learned(run_dir):
+    train = metrics(run_dir, "train")
+    assert train["trainable_params"] > 0 and train["adapter_max_abs_change"] > 0
+    assert train["quantization"] == "4bit" and train["device"] == "cpu"
+    assert train["eval_loss_first"] / train["eval_loss_last"] > 5, train
+    evaluation = metrics(run_dir, "evaluate")
+    assert evaluation["base_eval_loss"] / evaluation["finetuned_eval_loss"] > 5, evaluation
+    assert evaluation["train_exact_match"] >= 0.75, evaluation  # greedy answers reproduce trained answers
+
+
+def test_the_merged_model_matches_base_plus_adapter(run_dir):
+    merge = metrics(run_dir, "merge")
+    assert merge["max_abs_logit_diff"] <= 1e-3 and merge["dtype"] == "float32"
+
+
+def test_the_manifest_covers_every_artifact_with_its_sha256(run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    listed = {a["path"]: a for a in manifest["artifacts"]}
+    for must in ("adapters/adapter_model.safetensors", "merged/model.safetensors", "training.env", "data/train.jsonl"):
+        assert must in listed, must
+    for path, entry in listed.items():
+        assert sha256_file(run_dir / path) == entry["sha256"], path
+    m = manifest["metrics"]
+    for key in ("train_loss_first", "train_loss_last", "eval_loss_first", "eval_loss_last", "steps", "tokens",
+                "train_wall_time_s", "peak_memory"):
+        assert m[key] is not None, key
+    assert m["train_loss_last"] < m["train_loss_first"] and m["steps"] > 0 and m["tokens"] > 0
+    assert manifest["versions"]["trl"] and manifest["model"]["source"] == "demo"
+
+
+def test_training_env_holds_the_effective_config(run_dir):
+    env = dict(line.split("=", 1) for line in (run_dir / "training.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["TRAINING_LEARNING_RATE"] == "0.01" and env["TRAINING_QUANTIZATION"] == "4bit"
+    assert env["MODEL_TOKEN_FILE"] == "''"
+
+
+def test_no_output_or_log_contains_the_token(demo):
+    leaks = [str(p) for p in demo.rglob("*") if p.is_file() and not p.is_symlink()
+             and SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_a_second_run_does_nothing(demo):
+    assert planned_jobs(snakemake(demo, "--dry-run")) == set()
+
+
+def test_a_training_change_reruns_training_and_what_follows_only(demo):
+    jobs = planned_jobs(snakemake(demo, "--dry-run", "--config", "training__learning_rate=0.005"))
+    assert jobs == {"train", "merge", "evaluate", "summary", "all"}
+
+
+def test_a_dataset_change_reruns_data_and_what_follows(demo):
+    jobs = planned_jobs(snakemake(demo, "--dry-run", "--config", "dataset__eval_fraction=0.2"))
+    assert jobs == {"prepare_data", "train", "merge", "evaluate", "summary", "all"}
+
+
+def test_the_samples_show_reproduced_answers(run_dir):
+    samples = read_jsonl(run_dir / "eval" / "samples.jsonl")
+    trained = [s for s in samples if s["split"] == "train"]
+    assert trained and sum(s["exact"] for s in trained) >= 0.75 * len(trained)
+
+
+def test_snakemake_lint_and_snakefmt_are_clean():
+    bindir = Path(sys.executable).parent
+    lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    fmt = subprocess.run([bindir / "snakefmt", "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+    ruff = subprocess.run([bindir / "ruff", "check", "scripts", "workflow", "tests"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert ruff.returncode == 0, ruff.stdout
