@@ -131,10 +131,18 @@ def verify(path: str | os.PathLike, sha256: str | None, what: str) -> dict:
     return {**info, "sha256": actual, "sha256_checked": sha256 is not None}
 
 
-def publish(tmp: Path, output: Path) -> None:
+def publish(tmp: Path, output: Path, sha256: str | None, what: str) -> dict:
+    """Verify the image fetched into `tmp` and only then put it at `output`; a bad image is deleted and the
+    earlier one stays."""
+    try:
+        info = verify(tmp, sha256, what)
+    except StageError:
+        tmp.unlink(missing_ok=True)
+        raise
     output.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(tmp, 0o755)
     os.replace(tmp, output)
+    return info
 
 
 # --- sources --------------------------------------------------------------------------------------------------
@@ -209,12 +217,7 @@ def from_lfs(cfg: Config, output: Path, work: Path) -> dict:
                     raise StageError(f"{what}: {part.name} is still an LFS pointer after git lfs pull")
                 src.seek(0)
                 shutil.copyfileobj(src, dst, 1 << 22)
-    try:
-        info = verify(tmp, expected, f"joined from {len(parts)} parts of {cfg.lfs_url}@{commit[:12]}")
-    except StageError:
-        tmp.unlink(missing_ok=True)
-        raise
-    publish(tmp, output)
+    info = publish(tmp, output, expected, f"joined from {len(parts)} parts of {cfg.lfs_url}@{commit[:12]}")
     return {**info, "lfs_url": cfg.lfs_url, "revision": cfg.lfs_revision, "commit": commit, "parts": len(parts)}
 
 
@@ -305,12 +308,7 @@ def from_pull(cfg: Config, output: Path, work: Path) -> dict:
     else:
         raise StageError(f"container.url {cfg.url!r}: unsupported scheme {scheme!r}; use one of "
                          + ", ".join(f"{s}://" for s in REGISTRY_SCHEMES + DOWNLOAD_SCHEMES))
-    try:
-        info = verify(tmp, expected, f"pulled from {cfg.url}")
-    except StageError:
-        tmp.unlink(missing_ok=True)
-        raise
-    publish(tmp, output)
+    info = publish(tmp, output, expected, f"pulled from {cfg.url}")
     return {**info, "url": cfg.url}
 
 
@@ -339,8 +337,7 @@ def from_build(cfg: Config, output: Path) -> dict:
             log.warning("build mode %s did not work: %s", mode, str(err)[-400:])
             failures.append(f"- {mode}: {str(err)[-300:]}")
             continue
-        info = verify(tmp, None, f"built from {definition} ({mode})")
-        publish(tmp, output)
+        info = publish(tmp, output, None, f"built from {definition} ({mode})")
         return {**info, "definition": str(definition), "definition_sha256": sha256_file(definition),
                 "build_mode": mode, "project_commit": cfg.project_commit}
     needs = "\n".join(f"  {m}: {BUILD_MODES[m]}" for m in modes)
