@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 DEMO_DATA = REPO / "data" / "demo" / "medical_qa.jsonl"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(REPO / "workflow"))
@@ -82,3 +85,29 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 def demo_rows(start: int, stop: int) -> list[dict]:
     lines = DEMO_DATA.read_text().splitlines()[start:stop]
     return [json.loads(line) for line in lines]
+
+
+# --- running the workflow in a project directory -------------------------------------------------------------
+
+
+def run_workflow(workdir: Path, *args: str, profile: str = "local", env: dict | None = None,
+                 path: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """snakemake with one of the repository's profiles, in `workdir`, with this environment's tools first on
+    PATH (or `path`) and `env` added to the environment."""
+    environ = os.environ | {"PATH": path or f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
+    result = subprocess.run(
+        [*SNAKEMAKE, "--profile", str(REPO / "profiles" / profile), "--cores", "2", *args],
+        cwd=workdir, env=environ, capture_output=True, text=True,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    """Rule names from the 'Job stats' table of a dry run; empty when there is nothing to do."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return set()
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}

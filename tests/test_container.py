@@ -28,7 +28,7 @@ import container_standin
 import helpers
 import pytest
 from common import StageError, sha256_file
-from conftest import REPO
+from conftest import REPO, planned_jobs, run_workflow
 
 SIFTOOL = shutil.which("siftool")
 pytestmark = pytest.mark.skipif(SIFTOOL is None, reason="needs Debian's siftool (apt-get install siftool)")
@@ -368,25 +368,10 @@ def test_build_tries_fakeroot_then_other_modes_and_says_what_the_site_must_allow
 
 # --- the workflow: checks at parse time, the demo through the stand-in, what a new image re-runs -----------------
 
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
-
-
 def snakemake(workdir: Path, *args: str, path: str | None = None, check: bool = True,
               env: dict | None = None, profile: str = "local") -> subprocess.CompletedProcess:
-    environ = os.environ | {"HF_TOKEN": SECRET, "PATH": path or f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run([*SNAKEMAKE, "--profile", str(REPO / "profiles" / profile), "--cores", "2", *args],
-                            cwd=workdir, env=environ | (env or {}), capture_output=True, text=True)
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def planned(result: subprocess.CompletedProcess) -> set[str]:
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return set()
-    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}
+    return run_workflow(workdir, *args, profile=profile, env={"HF_TOKEN": SECRET} | (env or {}), path=path,
+                        check=check)
 
 
 def project(tmp_path: Path) -> Path:
@@ -506,16 +491,16 @@ def test_a_new_image_reruns_the_stages_in_it_only_when_retrain_on_new_image(cont
     config = container_demo["config"]
     env = {"STANDIN_LOG": str(container_demo["log"])}
     run = functools.partial(snakemake, workdir, path=path, env=env, profile="apptainer")
-    assert planned(run("--dry-run", "--config", *config)) == set()
+    assert planned_jobs(run("--dry-run", "--config", *config)) == set()
     forced = ["--dry-run", "--forcerun", "container_image", "--config", *config]
-    assert planned(run(*forced)) == IN_IMAGE_STAGES | {
+    assert planned_jobs(run(*forced)) == IN_IMAGE_STAGES | {
         "container_image", "model", "summary", "all"}
-    assert planned(run(*forced, "container__retrain_on_new_image=false")) == {"container_image"}
+    assert planned_jobs(run(*forced, "container__retrain_on_new_image=false")) == {"container_image"}
     # a changed pin of the image (here: another path) re-runs the container stage by itself
     other = container_standin.make_sif(container_demo["image"].parent / "other.sif", payload=b"other\n" * 9000)
     changed = [c for c in config if not c.startswith(("container__path", "container__sha256"))]
     changed += [f"container__path={other}", "container__retrain_on_new_image=false"]
-    assert planned(run("--dry-run", "--config", *changed)) == {"container_image"}
+    assert planned_jobs(run("--dry-run", "--config", *changed)) == {"container_image"}
 
 
 def test_lfs_and_build_sources_through_the_workflow(sif, parts_repo, tmp_path):
@@ -534,11 +519,11 @@ def test_lfs_and_build_sources_through_the_workflow(sif, parts_repo, tmp_path):
     record = json.loads(Path(f"{image}.json").read_text())
     assert image.read_bytes() == sif.read_bytes() and record["commit"] == git(parts_repo.work, "rev-parse", "HEAD")
     update = [*lfs, "container__lfs__update=true"]
-    assert planned(run("container_image", "--dry-run", *update)) == set()  # asked, but the remote did not move
+    assert planned_jobs(run("container_image", "--dry-run", *update)) == set()  # asked, but the remote did not move
     newer = container_standin.make_sif(tmp_path / "newer.sif", payload=b"newer\n" * 7000)
     parts_repo.publish(newer)
-    assert planned(run("container_image", "--dry-run", *lfs)) == set()  # not asked: no network, nothing noticed
-    assert planned(run("container_image", "--dry-run", *update)) == {"container_image"}
+    assert planned_jobs(run("container_image", "--dry-run", *lfs)) == set()  # not asked: no network, nothing noticed
+    assert planned_jobs(run("container_image", "--dry-run", *update)) == {"container_image"}
     run("container_image", *update)
     assert image.read_bytes() == newer.read_bytes()
 
@@ -547,8 +532,8 @@ def test_lfs_and_build_sources_through_the_workflow(sif, parts_repo, tmp_path):
     build = ["--config", "container__source=build", f"container__definition={definition}"]
     run("container_image", *build)
     assert json.loads(Path(f"{image}.json").read_text())["build_mode"] == "fakeroot"
-    assert planned(run("container_image", "--dry-run", *build)) == set()
+    assert planned_jobs(run("container_image", "--dry-run", *build)) == set()
     os.utime(definition, (time.time() + 5, time.time() + 5))  # touched, same content: Snakemake's checksum
-    assert planned(run("container_image", "--dry-run", *build)) == set()
+    assert planned_jobs(run("container_image", "--dry-run", *build)) == set()
     definition.write_text(definition.read_text() + "# a change\n")
-    assert planned(run("container_image", "--dry-run", *build)) == {"container_image"}  # the def changed
+    assert planned_jobs(run("container_image", "--dry-run", *build)) == {"container_image"}  # the def changed

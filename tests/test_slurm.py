@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import REPO
+from conftest import REPO, SNAKEMAKE, planned_jobs
 
 pytestmark = pytest.mark.e2e
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 NO_ACCOUNTING = ["--slurm-status-command", "squeue"]  # the one override: this cluster has no sacct
 # Test speed only: the plugin waits 40 s before its first status check by default.
 QUICK_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3"]
@@ -151,9 +150,7 @@ def test_the_cpu_stages_asked_for_no_gpu(slurm_demo):
 def test_a_hyperparameter_change_plans_only_the_downstream_jobs(slurm_demo):
     dry = slurm_snakemake(slurm_demo.workdir, "--dry-run", "--config", *DEMO_RESOURCES,
                           "training__learning_rate=0.005")
-    table = (dry.result.stdout + dry.result.stderr).split("Job stats:", 1)[1].split("total", 1)[0]
-    planned = {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}
-    assert planned == {"train", "merge", "evaluate", "summary", "all"}
+    assert planned_jobs(dry.result) == {"train", "merge", "evaluate", "summary", "all"}
     again = slurm_snakemake(slurm_demo.workdir, "--dry-run", "--config", *DEMO_RESOURCES)
     assert "Nothing to be done" in again.result.stdout + again.result.stderr
 
@@ -257,18 +254,26 @@ def test_several_nodes_start_one_launcher_per_node_with_rendezvous_on_the_first(
     assert launch.command(["train.py"], 1, 1, 29500, {}) == [sys.executable, "train.py"]
 
 
-def test_the_srun_launcher_path_rendezvous_in_a_slurm_job(cluster, tmp_path):
-    """What nodes > 1 does (srun, one torchrun per node, c10d rendezvous on the job's first node), on the one node
-    this machine has: two GPUs allocated -> two ranks that find each other and all-reduce."""
-    (tmp_path / "probe.py").write_text(PROBE)
+def launcher_job(tmp_path: Path, program: str, mem_mb: int, port: int, stop_before: int):
+    """An sbatch job (2 GPUs, 5 minutes) that runs launch.py's multi-node path (srun) on `program`; returns the
+    sbatch result and the job's log."""
+    (tmp_path / "program.py").write_text(program)
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(
-        ["sbatch", "--wait", "-p", "gpu", "--gpus=2", "-c", "2", "--mem=2000", "-t", "5", "-o", str(tmp_path / "job.log"),
-         "--wrap", f"{sys.executable} {REPO / 'scripts' / 'launch.py'} --gpus 2 --srun --port 29555 --stop-before 0 -- "
-                   f"{tmp_path / 'probe.py'} {tmp_path}"],
+        ["sbatch", "--wait", "-p", "gpu", "--gpus=2", "-c", "2", f"--mem={mem_mb}", "-t", "5",
+         "-o", str(tmp_path / "job.log"),
+         "--wrap", f"{sys.executable} {REPO / 'scripts' / 'launch.py'} --gpus 2 --srun --port {port} "
+                   f"--stop-before {stop_before} -- {tmp_path / 'program.py'} {tmp_path}"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
+    return result, log
+
+
+def test_the_srun_launcher_path_rendezvous_in_a_slurm_job(cluster, tmp_path):
+    """What nodes > 1 does (srun, one torchrun per node, c10d rendezvous on the job's first node), on the one node
+    this machine has: two GPUs allocated -> two ranks that find each other and all-reduce."""
+    result, log = launcher_job(tmp_path, PROBE, mem_mb=2000, port=29555, stop_before=0)
     assert result.returncode == 0, result.stderr + log
     assert "2 process(es) per node (SLURM_GPUS_ON_NODE)" in log and "--rdzv-backend=c10d" in log, log
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -300,14 +305,6 @@ time.sleep(120)
 def test_the_srun_launcher_path_stops_every_rank_before_the_time_limit(cluster, tmp_path):
     """Near the time limit the launcher's SIGUSR1 goes through srun to every process of the step: each rank (here
     a stand-in for the trainer) gets it, torchrun itself ignores it and reports the ranks' exit."""
-    (tmp_path / "stoppable.py").write_text(STOPPABLE)
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(
-        ["sbatch", "--wait", "-p", "gpu", "--gpus=2", "-c", "2", "--mem=1000", "-t", "5", "-o", str(tmp_path / "job.log"),
-         "--wrap", f"{sys.executable} {REPO / 'scripts' / 'launch.py'} --gpus 2 --srun --port 29556 --stop-before 285 "
-                   f"-- {tmp_path / 'stoppable.py'} {tmp_path}"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
+    result, log = launcher_job(tmp_path, STOPPABLE, mem_mb=1000, port=29556, stop_before=285)
     assert result.returncode != 0 and "time limit is near" in log, log
     assert [(tmp_path / f"stopped{r}").read_text() for r in (0, 1)] == ["SIGUSR1", "SIGUSR1"], log

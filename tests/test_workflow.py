@@ -4,39 +4,20 @@ inspect it; then what Snakemake decides to re-run after changes; and the linters
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from common import read_jsonl, sha256_file
-from conftest import REPO
+from conftest import REPO, SNAKEMAKE, planned_jobs, run_workflow
 
 pytestmark = pytest.mark.e2e
 SECRET = "hf_e2eTestTokenNeverWrittenAnywhere0123"
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_TOKEN": SECRET, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(
-        [*SNAKEMAKE, "--profile", str(REPO / "profiles" / "local"), "--cores", "2", *args],
-        cwd=workdir, env=env, capture_output=True, text=True,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
-    """Rule names from the 'Job stats' table of a dry run; empty when there is nothing to do."""
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return set()
-    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}
+    return run_workflow(workdir, *args, env={"HF_TOKEN": SECRET}, check=check)
 
 
 @pytest.fixture(scope="session")
