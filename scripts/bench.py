@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(REPO / "workflow"))
 
-from common import log, setup_logging, table, write_json  # noqa: E402
+from common import log, peak_rss_mb, setup_logging, table, write_json  # noqa: E402
 
 # Architectures of the presets (their real configs, random weights). `demo` is the demo's own tiny model.
 ARCHS: dict[str, dict] = {
@@ -102,16 +101,6 @@ def run_child(args: list[str], env: dict | None = None) -> tuple[int, float]:
     start = time.perf_counter()
     status = subprocess.run([sys.executable, *args], env={**os.environ, **(env or {})}).returncode
     return status, time.perf_counter() - start
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set since exec (VmHWM): unlike ru_maxrss, without the parent's memory at fork."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_random_model(arch: str, out: Path, tokenizer_dir: Path | None, dtype: str = "bfloat16") -> Path:
