@@ -27,6 +27,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The Slurm tests first. Every `snakemake` start loads the Slurm executor plugin, which runs
+    `scontrol show config` for its help text whenever Slurm is installed: with no controller answering, that
+    waits 10 s. Once test_slurm's session-scoped cluster is up, the answer takes milliseconds."""
+    items.sort(key=lambda item: item.path.name != "test_slurm.py")
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -31,9 +31,14 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key and what is allowed."""
 
 
+# libyaml's loader (in PyYAML's wheels) reads the schema ten times faster than the pure-Python one: it is on
+# every Snakemake start, a no-op re-run included.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: Path) -> Any:
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=_YAML_LOADER)
 
 
 def load_schema() -> dict:
