@@ -488,7 +488,9 @@ def bench_workflow(args) -> dict:
     """Wall and CPU time of a dry-run and of a no-op re-run of a completed run (median of `repeats`), next to
     Snakemake's own start-up (`snakemake --version`), which no workflow can go below."""
     snakemake = str(Path(sys.executable).with_name("snakemake"))
-    base = [snakemake, "--profile", args.profile, "--directory", args.directory, *args.snakemake_args]
+    profile = str(Path(args.profile).resolve() if Path(args.profile).is_dir() else REPO / args.profile)
+    base = [snakemake, "-s", str(REPO / "Snakefile"), "--profile", profile, "--directory", args.directory,
+            *args.snakemake_args]
     runs = {"startup": [snakemake, "--version"], "dry_run": [*base, "-n"], "noop_rerun": base}
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}

@@ -124,3 +124,14 @@ def test_snakemake_lint_and_snakefmt_are_clean():
     ruff = subprocess.run([bindir / "ruff", "check", "scripts", "workflow", "tests"], cwd=REPO,
                           capture_output=True, text=True)
     assert ruff.returncode == 0, ruff.stdout
+
+
+def test_the_overhead_bench_times_a_dry_run_and_a_noop_rerun(demo, tmp_path):
+    out = tmp_path / "workflow.json"
+    bench = subprocess.run([sys.executable, REPO / "scripts" / "bench.py", "workflow", "--directory", demo,
+                            "--repeats", "1", "--out", out], capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(out.read_text())
+    assert all(report[f"{name}_s"] > 0 for name in ("startup", "dry_run", "noop_rerun"))
+    assert "no-op re-run" in bench.stdout
+    assert planned_jobs(snakemake(demo, "--dry-run")) == set()  # timing it changed nothing
