@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# transformers 4 apart from the environment: tests/test_portable.py loads merged models with it.
+export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 # Stage jobs run `python`: the environment's, found on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
@@ -17,10 +19,12 @@ export TOKENIZERS_PARALLELISM := false
 env: $(STAMP)
 
 # torch==2.13.0 is pinned: pip takes the CPU wheel where one is on disk, the CUDA build elsewhere.
-$(STAMP): singularity/requirements.txt requirements-dev.txt
+$(STAMP): singularity/requirements.txt requirements-dev.txt requirements-transformers4.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		-r singularity/requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
+		--target $(TRANSFORMERS4_PATH) -r requirements-transformers4.txt
 	touch $@
 
 demo: $(STAMP)

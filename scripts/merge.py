@@ -9,7 +9,8 @@ then prove it: the merged model, reloaded from disk, must give the logits of bas
 The base is reloaded in full precision (float32 on CPU, bfloat16 on GPU with dtype auto), never merged into the
 4-bit training model: that would save re-quantised weights. The output is written into a hidden sibling directory
 and renamed into place only after the check passes, so a failed merge leaves no half-written model and keeps an
-earlier good one.
+earlier good one. config.json and tokenizer_config.json also carry the transformers-4 keys (scripts/portable.py),
+so that vLLM servers still on transformers 4 load the model with the right RoPE and tokenizer.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common import (
     table,
     write_json,
 )
+from portable import make_portable
 from rows import FALLBACK_TEXT, detect_format, encode, render
 
 log = logging.getLogger("finetune.merge")
@@ -528,6 +530,7 @@ def main(cfg: Config) -> dict:
                 save=lambda model: save_weights(model, tmp, cfg.merged_save_format, cfg.max_shard_size),
             )
         save_tokenizer(tokenizer, tmp, cfg.adapter_dir, base_dir)
+        portable = make_portable(tmp)  # before the reload check: what is checked is what is shipped
         if result["adapter_effect"] == 0:
             log.warning(
                 "the adapter does not change the base model's logits at all (untrained LoRA weights?)"
@@ -571,6 +574,7 @@ def main(cfg: Config) -> dict:
         "weights_bytes": sum(f["bytes"] for f in shards),
         "total_bytes": sum(f["bytes"] for f in files),
         "num_parameters": result["num_parameters"],
+        "transformers4_keys": portable,
         "check_samples": len(inputs),
         "check_source": cfg.eval_data if eval_rows else "fixed text (eval data is empty)",
         "wall_time_s": round(time.time() - start, 2),

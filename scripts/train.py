@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from common import StageError, cli, log, peak_memory, read_json, read_jsonl, sha256_file, table, write_json
+from portable import make_portable
 
 PATH_FIELDS = (
     "model_json", "train_data", "eval_data", "preflight", "output_dir", "metrics_out", "checkpoint_root",
@@ -563,6 +564,7 @@ def save_adapter(trainer, output_dir: str) -> None:
     trainer.save_model(str(tmp))  # every rank takes part (sharded models); only rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
+        make_portable(tmp)  # vLLM on transformers 4 loads an adapter's tokenizer too
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             out.rename(old)

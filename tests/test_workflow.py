@@ -135,3 +135,10 @@ def test_the_overhead_bench_times_a_dry_run_and_a_noop_rerun(demo, tmp_path):
     assert all(report[f"{name}_s"] > 0 for name in ("startup", "dry_run", "noop_rerun"))
     assert "no-op re-run" in bench.stdout
     assert planned_jobs(snakemake(demo, "--dry-run")) == set()  # timing it changed nothing
+
+
+def test_the_adapter_and_the_merged_model_load_in_transformers4_servers_too(run_dir):
+    for name in ("adapters", "merged"):  # vLLM on transformers 4 loads the tokenizer of either
+        tokenizer = json.loads((run_dir / name / "tokenizer_config.json").read_text())
+        assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast", name
+    assert json.loads((run_dir / "merged" / "config.json").read_text())["rope_theta"] > 0

@@ -13,6 +13,7 @@ rule merge:
         eval=out(config, "data", "eval.jsonl"),
         script=script("merge"),
         streaming=script("merge_streaming"),
+        portable=script("portable"),
         image=CONTAINER_IMAGE,
     output:
         merged=directory(out(config, "merged")),
