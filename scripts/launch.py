@@ -12,6 +12,9 @@ decides the device from the preflight report and falls back to gloo on the CPU.
 - M nodes (`--nodes` > 1, inside a Slurm job with M nodes): `srun --nodes M --ntasks-per-node 1` starts one
   torchrun per node, with the c10d rendezvous on the job's first node (`--port`), rendezvous id the job id.
 
+The launcher itself runs on the host (standard library only): srun and squeue are there, not in the image. With
+`--in-image PREFIX` it starts the trainer, torchrun or each node's part through PREFIX (after srun).
+
 Time limits: inside a Slurm job the launcher reads the job's end time (squeue) and, `--stop-before` seconds
 before it, asks the workers to checkpoint and stop; the next run resumes from that checkpoint.
 SIGTERM/SIGUSR1 sent to the launcher reach the workers as SIGUSR1: they save a checkpoint and exit 2; the launcher
@@ -68,23 +71,26 @@ def first_node(env: Mapping[str, str]) -> str:
 
 
 def command(script: list[str], processes: int, nodes: int, port: int, env: Mapping[str, str],
-            srun: bool = False) -> list[str]:
+            srun: bool = False, image: list[str] = ()) -> list[str]:
     """The command line that starts `script` (the trainer and its arguments). srun: the multi-node form even for
-    one node (tests exercise the srun + rendezvous path on one machine with it)."""
+    one node (tests exercise the srun + rendezvous path on one machine with it). image: the container runtime's
+    prefix (`apptainer exec ... finetune.sif`); it goes after srun, which exists on the host only, and the
+    image's own `python` runs the trainer."""
+    python = "python" if image else sys.executable
     srun = srun or nodes > 1
     if not srun and processes <= 1:
-        return [sys.executable, *script]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+        return [*image, python, *script]
+    torchrun = [python, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
     if not srun:
-        return [*torchrun, "--standalone", *script]
+        return [*image, *torchrun, "--standalone", *script]
     job = env.get("SLURM_JOB_ID", "finetune")
     rendezvous = [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node(env)}:{port}",
                   f"--rdzv-id={job}", "--max-restarts=0"]
     srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     # On each node torchrun starts with the stop signals ignored, as here (srun does not pass that on): srun
     # forwards the launcher's SIGUSR1 to every process of the step, and only the trainers act on it.
-    ignoring = [sys.executable, os.path.abspath(__file__), "--exec-ignoring-stop-signals", "--"]
-    return [*srun, *ignoring, *torchrun, *rendezvous, *script]
+    ignoring = [python, os.path.abspath(__file__), "--exec-ignoring-stop-signals", "--"]
+    return [*srun, *image, *ignoring, *torchrun, *rendezvous, *script]
 
 
 def job_end_time(env: Mapping[str, str]) -> float | None:
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start through srun with a rendezvous even on one node (what --nodes > 1 does)")
     parser.add_argument("--stop-before", type=int, default=300,
                         help="seconds before the Slurm job's time limit to checkpoint and stop; 0: never")
+    parser.add_argument("--in-image", default="",
+                        help="prefix that runs a command in the container image (helpers.container_prefix); "
+                             "empty: on the host")
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- the trainer and its arguments")
     args = parser.parse_args(argv)
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
@@ -159,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.exec_ignoring_stop_signals:  # one node's part of a multi-node launch (see command())
         for signum in STOP:
             signal.signal(signum, signal.SIG_IGN)
-        os.execv(script[0], script)
+        os.execvp(script[0], script)
     env = os.environ
     processes, source = processes_per_node(args.gpus, args.processes, env)
-    cmd = command(script, processes, args.nodes, args.port, env, srun=args.srun)
+    cmd = command(script, processes, args.nodes, args.port, env, srun=args.srun, image=shlex.split(args.in_image))
     print(f"launch.py: {args.nodes} node(s) x {processes} process(es) per node ({source}); "
           f"world size {args.nodes * processes}; CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r}",
           flush=True)

@@ -254,6 +254,21 @@ def test_several_nodes_start_one_launcher_per_node_with_rendezvous_on_the_first(
     assert launch.command(["train.py"], 1, 1, 29500, {}) == [sys.executable, "train.py"]
 
 
+def test_the_container_prefix_goes_after_srun_and_the_image_python_runs_the_trainer(monkeypatch):
+    import launch
+
+    monkeypatch.setattr(launch, "first_node", lambda env: "gpu017")
+    image = ["apptainer", "exec", "--nv", "/images/finetune.sif"]
+    cmd = launch.command(["train.py"], 4, 2, 29500, {"SLURM_JOB_ID": "7"}, image=image)
+    assert cmd[0] == "srun" and cmd[cmd.index("apptainer"):][:4] == image  # srun is on the host, not in the image
+    inner = cmd[cmd.index("/images/finetune.sif") + 1:]
+    assert inner[:4] == ["python", launch.__file__, "--exec-ignoring-stop-signals", "--"]
+    assert inner[4:7] == ["python", "-m", "torch.distributed.run"] and sys.executable not in cmd
+    assert launch.command(["train.py"], 1, 1, 29500, {}, image=image) == [*image, "python", "train.py"]
+    assert launch.command(["train.py"], 2, 1, 29500, {}, image=image)[:7] == [
+        *image, "python", "-m", "torch.distributed.run"]
+
+
 def launcher_job(tmp_path: Path, program: str, mem_mb: int, port: int, stop_before: int):
     """An sbatch job (2 GPUs, 5 minutes) that runs launch.py's multi-node path (srun) on `program`; returns the
     sbatch result and the job's log."""

@@ -1,8 +1,10 @@
 # Train stage: TRL SFTTrainer with LoRA / QLoRA. Checkpoints live outside the declared outputs (keyed by a
 # fingerprint of the training settings) so that an interrupted run resumes instead of starting over.
 # scripts/launch.py starts one process per allocated GPU (torchrun), or one launcher per node through srun; `exec`
-# leaves no shell between Snakemake and the launcher. In a Slurm job the launcher has training checkpoint and stop
-# resources.train_stop_before seconds before the time limit; the next run (or a retry) resumes.
+# leaves no shell between Snakemake and the launcher. The launcher runs on the host (srun and squeue are not in
+# the image) and puts the container prefix in front of what it starts, after srun. In a Slurm job the launcher
+# has training checkpoint and stop resources.train_stop_before seconds before the time limit; the next run (or a
+# retry) resumes.
 
 from helpers import scaled, train_placement
 
@@ -41,7 +43,7 @@ rule train:
         checkpoints=out(config, "checkpoints"),
         tensorboard=out(config, "logs", "tensorboard"),
     shell:
-        "exec {resources.in_image}python {params.launcher} {params.launch}"
+        "exec python {params.launcher} {params.launch} --in-image={resources.in_image:q}"
         " --stop-before {resources.stop_before} --"
         " {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
         " --eval-data {input.eval} --preflight {input.preflight} --output-dir {output.adapters}"
