@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common import StageError, log, read_json
+from hub_cache import pick_weights
 
 # safetensors dtype names <-> torch dtype names
 ST_TO_TORCH = {
@@ -112,13 +113,12 @@ def parse_size(text: str | int) -> int:
 
 
 def base_files(base_dir: Path) -> list[Path]:
-    """The base's safetensors files in order, or a StageError when it has none (pickle-only checkpoints)."""
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [base_dir / name for name in names]
-    if (base_dir / "model.safetensors").is_file():
-        return [base_dir / "model.safetensors"]
+    """The base's safetensors files in order (those a loader reads), or a StageError when it has none
+    (pickle-only checkpoints)."""
+    names = {p.name for p in base_dir.iterdir() if p.is_file()}
+    _, files = pick_weights(names, lambda name: read_json(base_dir / name, "weight index"))
+    if files and files[0].endswith(".safetensors"):
+        return [base_dir / name for name in files]
     raise StageError(f"{base_dir} has no safetensors weights: the streaming merge needs them (use merge.streaming: false)")
 
 
