@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import StageError, cli
+from common import StageError, cli, write_json
 
 log = logging.getLogger("finetune.portable")
 
@@ -44,9 +44,8 @@ def legacy_config(config: dict, where: str = "config.json") -> list[str]:
             if key in rope and key not in config:
                 config[key] = rope[key]
                 added.append(f"{where}: {key}")
-        scaling = {k: v for k, v in rope.items() if k not in TOP_LEVEL_ROPE_KEYS}
         if rope["rope_type"] != "default" and config.get("rope_scaling") is None:
-            config["rope_scaling"] = scaling
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k not in TOP_LEVEL_ROPE_KEYS}
             added.append(f"{where}: rope_scaling")
     elif isinstance(rope, dict) and rope:
         # One set of parameters per attention type (Gemma 3 and the like): transformers 4 has no equivalent key.
@@ -81,9 +80,7 @@ def make_portable(directory: str | Path) -> list[str]:
             raise StageError(f"{path} is not valid JSON ({err}); it cannot be made portable") from None
         made = convert(data, name)
         if made:
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-            tmp.replace(path)
+            write_json(path, data)
             changes += made
     for change in changes:
         log.info("for transformers-4 readers (vLLM <= 0.25): %s", change)
