@@ -11,7 +11,8 @@ whether bf16 is available. Checkpoints go to {checkpoint-root}/{fingerprint}, th
 every setting and input that decides the result: a re-run after an interruption resumes from the last complete
 checkpoint there, a changed setting starts fresh. SIGUSR1 or SIGTERM (Slurm, before the time limit) saves a
 checkpoint and stops with exit status 2; the next run resumes. Multi-process runs (torchrun, accelerate launch)
-write files from rank 0 only.
+write files from rank 0 only. scripts/train_control.py holds the checkpoint, progress and signal handling,
+scripts/train_speed.py the speed levers.
 
 Loss masking: chat data trains on the assistant turns when the chat template marks them with
 {% generation %}; otherwise each conversation becomes prompt (all turns before the last assistant reply) and
@@ -21,21 +22,26 @@ the completion, text data on everything.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from common import StageError, cli, log, peak_memory, read_json, read_jsonl, sha256_file, table, write_json
 from portable import make_portable
+from train_control import (
+    find_resume_checkpoint,
+    first_last,
+    load_checkpoint,
+    progress_callback,
+    run_finished,
+    stop_on_signal,
+)
+from train_speed import attention_implementation, quantization_config, speed_settings
 
 PATH_FIELDS = (
     "model_json", "train_data", "eval_data", "preflight", "output_dir", "metrics_out", "checkpoint_root",
@@ -198,157 +204,7 @@ def fingerprint(cfg: Config, model_record: dict, device: str, bf16: bool, world_
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint directory cannot be resumed from, or None when it is complete. The trainer writes
-    trainer_state.json last, so a directory without it was cut off while saving."""
-    from safetensors import safe_open
-
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return f"trainer_state.json unreadable ({err.__class__.__name__})"
-    if "global_step" not in state:
-        return "trainer_state.json has no global_step"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (path / name).is_file() or (path / name).stat().st_size == 0:
-            return f"{name} missing or empty"
-    try:
-        with safe_open(str(path / "adapter_model.safetensors"), "pt") as weights:
-            if not list(weights.keys()):
-                return "adapter_model.safetensors holds no tensors"
-    except Exception as err:  # noqa: BLE001 - any failure to read the weights makes the checkpoint unusable
-        return f"adapter_model.safetensors unreadable ({err.__class__.__name__})"
-    return None
-
-
-def find_resume_checkpoint(run_dir: Path, is_main: bool) -> Path | None:
-    """The newest complete checkpoint-N in run_dir. Broken ones are set aside (renamed broken-checkpoint-N, so
-    that the trainer's checkpoint rotation does not see them) with a warning."""
-    candidates = sorted(
-        (p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for path in candidates:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log.warning("checkpoint %s is incomplete (%s): skipping it", path, problem)
-        if is_main:
-            path.rename(path.with_name("broken-" + path.name))
-    return None
-
-
-def run_finished(checkpoint: Path) -> bool:
-    """Whether the checkpoint is the last step of its run (resuming from it would train one step too many)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state["global_step"] >= state.get("max_steps", float("inf"))
-
-
-def load_checkpoint(trainer, checkpoint: Path) -> None:
-    """The adapter weights and trainer state of a finished run's checkpoint (its best one with early stopping),
-    loaded the way the trainer loads a checkpoint it resumes from."""
-    from transformers import TrainerState
-
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-    best = trainer.state.best_model_checkpoint
-    source = Path(best) if trainer.args.load_best_model_at_end and best and Path(best).is_dir() else checkpoint
-    for param in trainer.model.parameters():  # fp32, as a resumed run trains: keep the saved values exact
-        if param.requires_grad:
-            param.data = param.data.float()
-    trainer.model.load_adapter(str(source), trainer.model.active_adapter, is_trainable=True)
-
-
 # --- model and trainer ----------------------------------------------------------------------------------------
-
-
-def quantization_config(quantization: str, compute_dtype):
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if quantization == "none":
-        return None
-    raise StageError(f"training.quantization must be 4bit, 8bit or none, got {quantization!r}")
-
-
-ATTENTION = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager")
-CHECKPOINTING_MODES = ("non_reentrant", "reentrant", "offload")
-
-
-def attention_implementation(choice: str, cpu: bool, bf16: bool = True) -> str:
-    """The attention kernel: auto takes flash_attention_2 where flash-attn is installed and a GPU trains in bf16
-    (flash-attn has no float32 kernels), else PyTorch's SDPA (fused on GPUs; transformers masks padding-free and
-    packed rows correctly with it)."""
-    import importlib.util
-
-    if choice not in ATTENTION:
-        raise StageError(f"training.attn_implementation must be one of {', '.join(ATTENTION)}, got {choice!r}")
-    if choice == "auto":
-        return "flash_attention_2" if not cpu and bf16 and importlib.util.find_spec("flash_attn") else "sdpa"
-    if choice.startswith("flash") and cpu:
-        raise StageError(f"training.attn_implementation {choice} needs a GPU; use sdpa or auto on the CPU")
-    if choice == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
-        raise StageError("training.attn_implementation flash_attention_2 needs the flash-attn package; use auto or sdpa")
-    return choice
-
-
-def resolve_padding_free(value: bool | str, attention: str) -> bool:
-    """auto: padding-free only with flash attention, whose varlen kernel attends within each row. With sdpa/eager
-    the rows of a flattened micro-batch stay apart through a block mask over the whole flattened sequence, whose
-    cost grows with its square: slower than padding there (measured: half the tokens/s on the demo)."""
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "false"):
-        return str(value).lower() == "true"
-    if str(value).lower() == "auto":
-        return attention.startswith("flash")
-    raise StageError(f"training.padding_free must be true, false or auto, got {value!r}")
-
-
-def speed_settings(cfg: Config, *, cpu: bool, new_name: bool, attention: str = "sdpa") -> dict:
-    """The SFTConfig arguments of the speed levers (padding-free batches, checkpointing mode, torch.compile, Liger,
-    dataloader); the attention kernel (`attention`, resolved) goes to the model loading (model_init_kwargs)."""
-    import importlib.util
-
-    if cfg.gradient_checkpointing_mode not in CHECKPOINTING_MODES:
-        raise StageError(f"training.gradient_checkpointing_mode must be one of {', '.join(CHECKPOINTING_MODES)}, got "
-                         f"{cfg.gradient_checkpointing_mode!r}")
-    if cfg.liger_kernels and (cpu or not importlib.util.find_spec("liger_kernel")):
-        raise StageError("training.liger_kernels needs the liger-kernel package and a GPU (it is not in the pinned "
-                         "stack: pip install liger-kernel where triton works); set it to false")
-    kwargs = {"use_reentrant": cfg.gradient_checkpointing_mode == "reentrant"}
-    if cfg.gradient_checkpointing_mode == "offload":
-        kwargs["offload"] = True
-    if cfg.gradient_checkpointing_every_n_layers > 1:
-        kwargs["every_n_layers"] = cfg.gradient_checkpointing_every_n_layers
-    name = "activation_checkpointing" if new_name else "gradient_checkpointing"
-    settings = {
-        name: cfg.gradient_checkpointing,
-        f"{name}_kwargs": kwargs if cfg.gradient_checkpointing else None,
-        "padding_free": resolve_padding_free(cfg.padding_free, attention),
-        "torch_compile": cfg.torch_compile,
-        "dataloader_num_workers": cfg.dataloader_num_workers,
-        "dataloader_pin_memory": cfg.dataloader_pin_memory and not cpu,
-        "dataloader_persistent_workers": cfg.dataloader_num_workers > 0,
-    }
-    if cfg.liger_kernels:  # layer kernels only: TRL 1.16 keeps its own fused (chunked) LM-head loss
-        settings.update(use_liger_kernel=True, liger_kernel_config={"rms_norm": True, "rope": True, "swiglu": True,
-                                                                    "cross_entropy": False})
-    if settings["padding_free"] and not cfg.packing:
-        # TRL will not cut padding-free rows at max_length; the data stage already enforces it (dataset.long_rows)
-        settings["max_length"] = None
-    return settings
 
 
 def sft_config(cfg: Config, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: bool, resuming: bool, mode: str,
@@ -486,71 +342,6 @@ def max_abs_change(model, before: dict) -> float:
     return max((after[name].detach().float().cpu() - value).abs().max().item() for name, value in before.items())
 
 
-# --- callbacks ------------------------------------------------------------------------------------------------
-
-
-def progress_callback():
-    """One log line per logging step, on rank 0: step/total, epoch, loss, eval loss, lr, tokens/s, elapsed, ETA."""
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        eval_loss = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.step0, self.tokens0 = time.time(), state.global_step, state.num_input_tokens_seen
-            self.eval_loss = first_last(state.log_history, "eval_loss")[1]  # a resumed run's last one
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            total = state.max_steps
-            if "eval_loss" in logs:
-                self.eval_loss = logs["eval_loss"]
-                log.info("eval step %d/%d | eval_loss %.4f", state.global_step, total, self.eval_loss)
-            if "loss" not in logs:
-                return
-            elapsed = time.time() - self.start
-            done = state.global_step - self.step0
-            eta = elapsed / done * (total - state.global_step) if done else 0
-            tokens = (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed else 0
-            log.info(
-                "step %d/%d (%d%%) | epoch %.2f | loss %.4f | eval_loss %s | lr %.2e | %s tok/s | elapsed %s | eta %s",
-                state.global_step, total, 100 * state.global_step // max(total, 1), state.epoch or 0, logs["loss"],
-                "-" if self.eval_loss is None else f"{self.eval_loss:.4f}", logs.get("learning_rate", 0),
-                f"{tokens:,.0f}", timedelta(seconds=round(elapsed)), timedelta(seconds=round(eta)),
-            )
-
-    return Progress()
-
-
-@contextlib.contextmanager
-def stop_on_signal():
-    """Yield a callback that, after SIGUSR1 or SIGTERM, saves a checkpoint at the end of the current step and
-    stops training (Slurm sends one before the time limit: `#SBATCH --signal=USR1@300`)."""
-    from transformers import TrainerCallback
-
-    class StopOnSignal(TrainerCallback):
-        received: str | None = None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.received:
-                control.should_save = control.should_training_stop = True
-
-    callback = StopOnSignal()
-
-    def handler(signum, frame):
-        callback.received = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint after this step and stopping", callback.received)
-
-    signums = (signal.SIGUSR1, signal.SIGTERM)
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield callback
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
 # --- outputs --------------------------------------------------------------------------------------------------
 
 
@@ -570,11 +361,6 @@ def save_adapter(trainer, output_dir: str) -> None:
             out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def first_last(history: list[dict], key: str) -> tuple[Any, Any]:
-    values = [entry[key] for entry in history if key in entry]
-    return (values[0], values[-1]) if values else (None, None)
 
 
 # --- main -----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import train
+import train_speed
 from common import StageError
 from conftest import REPO, SCRIPTS
 
@@ -77,29 +78,29 @@ def test_each_lever_reaches_sft_config(tmp_path, overrides, expected):
 
 
 def test_padding_free_auto_follows_flash_attention(tmp_path):
-    assert train.resolve_padding_free("auto", "flash_attention_2") is True
-    assert train.resolve_padding_free("auto", "sdpa") is False
-    assert train.resolve_padding_free(True, "sdpa") is True
+    assert train_speed.resolve_padding_free("auto", "flash_attention_2") is True
+    assert train_speed.resolve_padding_free("auto", "sdpa") is False
+    assert train_speed.resolve_padding_free(True, "sdpa") is True
     cfg = config(tmp_path)
-    assert train.speed_settings(cfg, cpu=False, new_name=True, attention="flash_attention_2")["padding_free"] is True
+    assert train_speed.speed_settings(cfg, cpu=False, new_name=True, attention="flash_attention_2")["padding_free"] is True
     with pytest.raises(StageError, match="true, false or auto"):
-        train.resolve_padding_free("maybe", "sdpa")
+        train_speed.resolve_padding_free("maybe", "sdpa")
 
 
 def test_auto_attention_is_sdpa_without_flash_attn_or_bf16(monkeypatch):
     import importlib.util
 
-    assert train.attention_implementation("auto", cpu=True) == "sdpa"
+    assert train_speed.attention_implementation("auto", cpu=True) == "sdpa"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
-    assert train.attention_implementation("auto", cpu=False, bf16=True) == "flash_attention_2"
-    assert train.attention_implementation("auto", cpu=False, bf16=False) == "sdpa"  # flash-attn has no fp32 kernels
+    assert train_speed.attention_implementation("auto", cpu=False, bf16=True) == "flash_attention_2"
+    assert train_speed.attention_implementation("auto", cpu=False, bf16=False) == "sdpa"  # flash-attn has no fp32 kernels
 
 
 def test_pin_memory_on_a_gpu(tmp_path):
     cfg = config(tmp_path)
-    assert train.speed_settings(cfg, cpu=False, new_name=True)["dataloader_pin_memory"] is True
+    assert train_speed.speed_settings(cfg, cpu=False, new_name=True)["dataloader_pin_memory"] is True
     cfg = config(tmp_path, dataloader_pin_memory=False)
-    assert train.speed_settings(cfg, cpu=False, new_name=True)["dataloader_pin_memory"] is False
+    assert train_speed.speed_settings(cfg, cpu=False, new_name=True)["dataloader_pin_memory"] is False
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import train
+import train_control
 from common import StageError, parse_args, read_json, read_jsonl
 from conftest import DEMO_DATA
 from transformers import TrainerCallback
@@ -198,13 +199,13 @@ def test_incomplete_checkpoints_are_skipped(qlora, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(Path(qlora["metrics"]["checkpoint_dir"]), run_dir)
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
-    assert train.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-8"
+    assert train_control.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-8"
     weights = run_dir / "checkpoint-8" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # cut off while saving
-    assert train.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-4"
+    assert train_control.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-4"
     assert (run_dir / "broken-checkpoint-8").is_dir(), "set aside, out of the trainer's rotation"
     (run_dir / "checkpoint-4" / "trainer_state.json").unlink()
-    assert train.find_resume_checkpoint(run_dir, is_main=True) is None
+    assert train_control.find_resume_checkpoint(run_dir, is_main=True) is None
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "none"])
