@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import hmac
 import os
+import re
 import shlex
 import shutil
 import struct
@@ -260,6 +261,29 @@ def s3_request(url: str, endpoint: str | None, region: str) -> urllib.request.Re
     return request
 
 
+S3_HINTS = {
+    "SignatureDoesNotMatch": "the server computed another signature: check AWS_SECRET_ACCESS_KEY and "
+                             "container.s3_region, which the signature covers",
+    "InvalidAccessKeyId": "this endpoint does not know AWS_ACCESS_KEY_ID: check it and container.s3_endpoint",
+    "AccessDenied": "the key may not read this object (bucket policy), or the request went anonymous because "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are unset",
+    "NoSuchKey": "no such object: check the path in container.url",
+    "NoSuchBucket": "no such bucket: check container.url and container.s3_endpoint",
+}
+
+
+def http_error_detail(code: int, body: str) -> str:
+    """What a person needs from an error response: an S3 error's code and message with a hint, else its start."""
+    found = {tag: re.search(f"<{tag}>(.*?)</{tag}>", body, re.S) for tag in ("Code", "Message")}
+    if found["Code"]:
+        name = found["Code"].group(1)
+        message = found["Message"].group(1).strip() if found["Message"] else ""
+        return f"{name}: {message} ({S3_HINTS.get(name, 'see the server message')})"
+    if code in (401, 403):
+        return "access refused (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy) " + body[:300]
+    return body[:300]
+
+
 def download(url: str, dst: Path, cfg: Config) -> None:
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "file":
@@ -273,10 +297,8 @@ def download(url: str, dst: Path, cfg: Config) -> None:
         with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as fh:
             shutil.copyfileobj(response, fh, 1 << 22)
     except urllib.error.HTTPError as err:
-        detail = err.read(600).decode(errors="replace")
-        hint = " (check the credentials AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy)" if err.code in (
-            401, 403) else ""
-        raise StageError(f"download {url} failed: HTTP {err.code} {err.reason}{hint} {detail[:300]}") from None
+        raise StageError(f"download {url} failed: HTTP {err.code} {err.reason}: "
+                         f"{http_error_detail(err.code, err.read(2000).decode(errors='replace'))}") from None
     except (urllib.error.URLError, OSError) as err:
         raise StageError(f"download {url} failed: {getattr(err, 'reason', err)} (no network on this node? "
                          "run the container stage where the network is: README, Container)") from None

@@ -324,6 +324,48 @@ def test_pull_from_s3_on_a_configurable_endpoint(sif, s3_server, tmp_path, monke
               sha256=sha256_file(sif))
 
 
+def moto_auth(endpoint: str, free_requests: str) -> None:
+    """Turn moto's IAM authorisation on ("0": every request must carry a valid SigV4 signature of a known key with
+    a policy that allows it) or off ("inf")."""
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=free_requests.encode(),
+                                                  method="POST", headers={"Content-Type": "text/plain"}), timeout=10)
+
+
+def test_s3_signature_is_verified_by_the_server(sif, s3_server, tmp_path, monkeypatch):
+    """With moto checking every signature (it recomputes SigV4 with botocore), our signed GET of a key with
+    characters that the canonical URI must encode is accepted; a wrong secret and an anonymous request are refused
+    with an error that says what to check, and leave no image behind."""
+    import boto3  # moto's own dependency: it sets up the IAM user that the server checks the signature against
+
+    iam = boto3.client("iam", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="setup",
+                       aws_secret_access_key="setup")
+    iam.create_user(UserName="puller")
+    policy = {"Version": "2012-10-17",
+              "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::signed/*"}]}
+    iam.put_user_policy(UserName="puller", PolicyName="read-images", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="puller")["AccessKey"]
+    s3_put(s3_server, "signed")
+    s3_put(s3_server, "signed/v1/fine%20tune%2B1.sif", sif.read_bytes())
+    url, digest = "s3://signed/v1/fine tune+1.sif", sha256_file(sif)
+    moto_auth(s3_server, "0")
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        record = stage(tmp_path / "a", source="pull", url=url, s3_endpoint=s3_server, sha256=digest)
+        assert record["sha256"] == digest
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"][:-1] + "x")
+        with pytest.raises(StageError, match=r"HTTP 403 .*SignatureDoesNotMatch: .*check AWS_SECRET_ACCESS_KEY"):
+            stage(tmp_path / "b", source="pull", url=url, s3_endpoint=s3_server, sha256=digest)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTKNOWNHERE0000")
+        with pytest.raises(StageError, match=r"HTTP 403 .*InvalidAccessKeyId: .*check it and container.s3_endpoint"):
+            stage(tmp_path / "b", source="pull", url=url, s3_endpoint=s3_server, sha256=digest)
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        with pytest.raises(StageError, match=r"HTTP 403 .*(AccessDenied|access refused).*AWS_ACCESS_KEY_ID"):
+            stage(tmp_path / "c", source="pull", url=url, s3_endpoint=s3_server, sha256=digest)
+        assert not list((tmp_path / "b" / "img").glob("*")) and not list((tmp_path / "c" / "img").glob("*"))
+    finally:
+        moto_auth(s3_server, "inf")
+
 @pytest.fixture
 def standin(tmp_path, monkeypatch) -> Path:
     """The stand-in `apptainer` first on PATH; returns its log of calls."""
