@@ -16,11 +16,7 @@ the file holds every byte the header promises: a truncated download is refused) 
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import hmac
 import os
-import re
 import shlex
 import shutil
 import struct
@@ -32,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import s3
 from common import StageError, cli, log, sha256_file, table, write_json
 
 SIF_MAGIC = b"SIF_MAGIC\0"
@@ -222,68 +219,6 @@ def from_lfs(cfg: Config, output: Path, work: Path) -> dict:
     return {**info, "lfs_url": cfg.lfs_url, "revision": cfg.lfs_revision, "commit": commit, "parts": len(parts)}
 
 
-def s3_request(url: str, endpoint: str | None, region: str) -> urllib.request.Request:
-    """GET s3://bucket/key as a path-style request to the endpoint, signed with AWS SigV4 when AWS_ACCESS_KEY_ID
-    and AWS_SECRET_ACCESS_KEY are set (anonymous otherwise). The secret never leaves this process."""
-    parsed = urllib.parse.urlsplit(url)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    if not bucket or not key:
-        raise StageError(f"container.url {url!r}: an S3 URL is s3://bucket/path/to/finetune.sif")
-    endpoint = (endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                or f"https://s3.{region}.amazonaws.com").rstrip("/")
-    ep = urllib.parse.urlsplit(endpoint)
-    path = f"{ep.path.rstrip('/')}/{bucket}/{urllib.parse.quote(key, safe='/-_.~')}"
-    request = urllib.request.Request(f"{ep.scheme}://{ep.netloc}{path}")
-    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not (access and secret):
-        return request
-    now = dt.datetime.now(dt.UTC)
-    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-    headers = {"host": ep.netloc, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": amz_date}
-    if os.environ.get("AWS_SESSION_TOKEN"):
-        headers["x-amz-security-token"] = os.environ["AWS_SESSION_TOKEN"]
-    signed = ";".join(sorted(headers))
-    canonical = "\n".join(
-        ["GET", path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)), "", signed, "UNSIGNED-PAYLOAD"]
-    )
-    scope = f"{day}/{region}/s3/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    k = f"AWS4{secret}".encode()
-    for part in (day, region, "s3", "aws4_request"):
-        k = hmac.new(k, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
-    for name, value in headers.items():
-        if name != "host":
-            request.add_header(name, value)
-    request.add_header(
-        "Authorization", f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, Signature={signature}"
-    )
-    return request
-
-
-S3_HINTS = {
-    "SignatureDoesNotMatch": "the server computed another signature: check AWS_SECRET_ACCESS_KEY and "
-                             "container.s3_region, which the signature covers",
-    "InvalidAccessKeyId": "this endpoint does not know AWS_ACCESS_KEY_ID: check it and container.s3_endpoint",
-    "AccessDenied": "the key may not read this object (bucket policy), or the request went anonymous because "
-                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are unset",
-    "NoSuchKey": "no such object: check the path in container.url",
-    "NoSuchBucket": "no such bucket: check container.url and container.s3_endpoint",
-}
-
-
-def http_error_detail(code: int, body: str) -> str:
-    """What a person needs from an error response: an S3 error's code and message with a hint, else its start."""
-    found = {tag: re.search(f"<{tag}>(.*?)</{tag}>", body, re.S) for tag in ("Code", "Message")}
-    if found["Code"]:
-        name = found["Code"].group(1)
-        message = found["Message"].group(1).strip() if found["Message"] else ""
-        return f"{name}: {message} ({S3_HINTS.get(name, 'see the server message')})"
-    if code in (401, 403):
-        return "access refused (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy) " + body[:300]
-    return body[:300]
-
-
 def download(url: str, dst: Path, cfg: Config) -> None:
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "file":
@@ -292,13 +227,16 @@ def download(url: str, dst: Path, cfg: Config) -> None:
             raise StageError(f"{url}: no such file")
         shutil.copyfile(src, dst)
         return
-    request = s3_request(url, cfg.s3_endpoint, cfg.s3_region) if scheme == "s3" else urllib.request.Request(url)
+    if scheme == "s3":
+        request = s3.Store(cfg.s3_endpoint, cfg.s3_region).request("GET", *s3.split_url(url, "container.url"))
+    else:
+        request = urllib.request.Request(url)
     try:
         with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as fh:
             shutil.copyfileobj(response, fh, 1 << 22)
     except urllib.error.HTTPError as err:
         raise StageError(f"download {url} failed: HTTP {err.code} {err.reason}: "
-                         f"{http_error_detail(err.code, err.read(2000).decode(errors='replace'))}") from None
+                         f"{s3.error_detail(err.code, err.read(2000).decode(errors='replace'))}") from None
     except (urllib.error.URLError, OSError) as err:
         raise StageError(f"download {url} failed: {getattr(err, 'reason', err)} (no network on this node? "
                          "run the container stage where the network is: README, Container)") from None

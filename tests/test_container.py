@@ -15,20 +15,19 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import container
 import container_standin
 import helpers
 import pytest
+import s3
 from common import StageError, sha256_file
-from conftest import REPO, planned_jobs, run_workflow
+from conftest import REPO, moto_auth, planned_jobs, run_workflow, s3_key, s3_put
 
 SIFTOOL = shutil.which("siftool")
 pytestmark = pytest.mark.skipif(SIFTOOL is None, reason="needs Debian's siftool (apt-get install siftool)")
@@ -275,35 +274,6 @@ def test_pull_over_http_from_loopback(sif, tmp_path):
         httpd.server_close()
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """moto's S3-protocol server on loopback (an on-prem object store stand-in for the protocol)."""
-    server = Path(sys.executable).parent / "moto_server"
-    if not server.exists():
-        pytest.fail("moto_server is missing: pip install -r requirements-dev.txt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint + "/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
-
-
-def s3_put(endpoint: str, path: str, data: bytes = b"") -> None:
-    request = urllib.request.Request(f"{endpoint}/{path}", data=data, method="PUT",
-                                     headers={"Content-Type": "application/octet-stream"})
-    urllib.request.urlopen(request, timeout=10)
-
-
 def test_pull_from_s3_on_a_configurable_endpoint(sif, s3_server, tmp_path, monkeypatch):
     s3_put(s3_server, "images")
     s3_put(s3_server, "images/v1/finetune.sif", sif.read_bytes())
@@ -313,7 +283,7 @@ def test_pull_from_s3_on_a_configurable_endpoint(sif, s3_server, tmp_path, monke
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
     record = stage(tmp_path / "a", source="pull", url="s3://images/v1/finetune.sif", s3_endpoint=s3_server)
     assert record["sha256"] == sha256_file(sif) and record["sha256_checked"]  # digest from the .sha256 next to it
-    request = container.s3_request("s3://images/v1/finetune.sif", s3_server, "us-east-1")
+    request = s3.Store(s3_server, "us-east-1").request("GET", "images", "v1/finetune.sif")
     assert request.get_header("Authorization").startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
     assert "wJalrX" not in json.dumps(record)
     with pytest.raises(StageError, match="truncated"):
@@ -324,26 +294,11 @@ def test_pull_from_s3_on_a_configurable_endpoint(sif, s3_server, tmp_path, monke
               sha256=sha256_file(sif))
 
 
-def moto_auth(endpoint: str, free_requests: str) -> None:
-    """Turn moto's IAM authorisation on ("0": every request must carry a valid SigV4 signature of a known key with
-    a policy that allows it) or off ("inf")."""
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=free_requests.encode(),
-                                                  method="POST", headers={"Content-Type": "text/plain"}), timeout=10)
-
-
 def test_s3_signature_is_verified_by_the_server(sif, s3_server, tmp_path, monkeypatch):
     """With moto checking every signature (it recomputes SigV4 with botocore), our signed GET of a key with
     characters that the canonical URI must encode is accepted; a wrong secret and an anonymous request are refused
     with an error that says what to check, and leave no image behind."""
-    import boto3  # moto's own dependency: it sets up the IAM user that the server checks the signature against
-
-    iam = boto3.client("iam", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="setup",
-                       aws_secret_access_key="setup")
-    iam.create_user(UserName="puller")
-    policy = {"Version": "2012-10-17",
-              "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::signed/*"}]}
-    iam.put_user_policy(UserName="puller", PolicyName="read-images", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName="puller")["AccessKey"]
+    key = s3_key(s3_server, "puller", ["s3:GetObject"], ["arn:aws:s3:::signed/*"])
     s3_put(s3_server, "signed")
     s3_put(s3_server, "signed/v1/fine%20tune%2B1.sif", sif.read_bytes())
     url, digest = "s3://signed/v1/fine tune+1.sif", sha256_file(sif)
@@ -357,7 +312,7 @@ def test_s3_signature_is_verified_by_the_server(sif, s3_server, tmp_path, monkey
         with pytest.raises(StageError, match=r"HTTP 403 .*SignatureDoesNotMatch: .*check AWS_SECRET_ACCESS_KEY"):
             stage(tmp_path / "b", source="pull", url=url, s3_endpoint=s3_server, sha256=digest)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTKNOWNHERE0000")
-        with pytest.raises(StageError, match=r"HTTP 403 .*InvalidAccessKeyId: .*check it and container.s3_endpoint"):
+        with pytest.raises(StageError, match=r"HTTP 403 .*InvalidAccessKeyId: .*check it and the endpoint"):
             stage(tmp_path / "b", source="pull", url=url, s3_endpoint=s3_server, sha256=digest)
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
         with pytest.raises(StageError, match=r"HTTP 403 .*(AccessDenied|access refused).*AWS_ACCESS_KEY_ID"):
