@@ -17,7 +17,6 @@ configfile: "config.yaml"
 
 
 sys.path.insert(0, f"{workflow.basedir}/workflow")
-import json  # noqa: E402
 
 from helpers import (  # noqa: E402
     ConfigError,
@@ -28,13 +27,16 @@ from helpers import (  # noqa: E402
     container_prefix,
     project_commit,
     final_model,
+    final_targets,
     local_dataset,
     out,
     pick,
     resolve_config,
     script,
     stage_args,
+    summary_config,
     summary_inputs,
+    upload_dirs,
 )
 
 try:
@@ -53,9 +55,10 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/upload.smk"
 
 
 rule all:
     default_target: True
     input:
-        out(config, "manifest.json"),
+        final_targets(config),

@@ -79,6 +79,8 @@ class Store:
         url = f"{base.scheme}://{base.netloc}{path}" + (f"?{canonical_query}" if canonical_query else "")
         request = urllib.request.Request(url, data=data, method=method)
         headers = {k.lower(): str(v).strip() for k, v in (headers or {}).items()}
+        if data is not None:  # urllib's default (form data) makes some servers parse the body as a form
+            headers.setdefault("content-type", "application/octet-stream")
         access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
         if access and secret:
             now = dt.datetime.now(dt.UTC)

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import s3
 from common import read_jsonl, sha256_file
-from conftest import REPO, SNAKEMAKE, planned_jobs, run_workflow
+from conftest import REPO, SNAKEMAKE, moto_auth, planned_jobs, run_workflow, s3_key, s3_put
 
 pytestmark = pytest.mark.e2e
 SECRET = "hf_e2eTestTokenNeverWrittenAnywhere0123"
@@ -107,6 +108,40 @@ def test_a_dataset_change_reruns_data_and_what_follows(demo):
     jobs = planned_jobs(snakemake(demo, "--dry-run", "--config", "dataset__eval_fraction=0.2"))
     assert jobs == {"prepare_data", "train", "merge", "evaluate", "summary", "all"}
 
+
+def test_the_upload_stage_sends_the_run_to_a_bucket_and_reruns_nothing_else(demo, run_dir, s3_server, monkeypatch):
+    """With upload.bucket set, a finished run plans the upload alone; the bucket then holds every merged and adapter
+    file of the manifest with its sha256, and the manifest itself; the secret is in no file and no log."""
+    key = s3_key(s3_server, "workflow-uploader", ["s3:PutObject", "s3:GetObject"],
+                 ["arn:aws:s3:::results", "arn:aws:s3:::results/*"])
+    s3_put(s3_server, "results")
+    args = ("--config", "upload__bucket=s3://results/runs/demo", f"upload__endpoint={s3_server}")
+    credentials = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    assert planned_jobs(snakemake(demo, "--dry-run", *args)) == {"upload", "all"}
+    moto_auth(s3_server, "0")
+    try:
+        run_workflow(demo, *args, env={"HF_TOKEN": SECRET, **credentials})
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)
+        store = s3.Store(s3_server)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        sent = [a for a in manifest["artifacts"] if a["path"].startswith(("merged/", "adapters/"))]
+        record = json.loads((run_dir / "upload.json").read_text())
+        keys = [o["key"] for o in record["objects"]]
+        assert sorted(keys[:-1]) == sorted(f"runs/demo/{a['path']}" for a in sent)  # exactly the manifest's files
+        assert keys[-1] == "runs/demo/manifest.json"  # and the manifest last
+        assert any(a["path"] == "merged/model.safetensors" for a in sent)
+        for artifact in sent:
+            _, headers, _ = store.call("head", "HEAD", "results", f"runs/demo/{artifact['path']}")
+            assert headers["x-amz-meta-sha256"] == artifact["sha256"], artifact["path"]
+        assert store.call("get", "GET", "results", "runs/demo/manifest.json")[2] == (run_dir / "manifest.json").read_bytes()
+        assert planned_jobs(snakemake(demo, "--dry-run", *args)) == set()
+    finally:
+        moto_auth(s3_server, "inf")
+    assert "Upload" in (run_dir / "logs" / "upload.log").read_text()
+    leaks = [str(p) for p in demo.rglob("*") if p.is_file() and not p.is_symlink()
+             and key["SecretAccessKey"].encode() in p.read_bytes()]
+    assert leaks == []
 
 def test_the_samples_show_reproduced_answers(run_dir):
     samples = read_jsonl(run_dir / "eval" / "samples.jsonl")

@@ -279,6 +279,23 @@ def summary_inputs(cfg: dict) -> dict[str, str]:
     return inputs
 
 
+def upload_dirs(cfg: dict) -> list[str]:
+    """The directories the upload stage sends (besides the manifest)."""
+    include = set(cfg["upload"]["include"]) - ({"merged"} if not cfg["merge"]["merge_full_weights"] else set())
+    return [out(cfg, name) for name in ("merged", "adapters") if name in include]
+
+
+def final_targets(cfg: dict) -> list[str]:
+    """What `rule all` asks for: the manifest, and the upload record when a bucket is set."""
+    return [out(cfg, "manifest.json"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else [])]
+
+
+def summary_config(cfg: dict) -> str:
+    """The effective config for the summary stage, without where the results are uploaded to: pointing the
+    upload elsewhere must not re-run the summary (whose manifest the upload sends)."""
+    return json.dumps({k: v for k, v in cfg.items() if k != "upload"}, sort_keys=True)
+
+
 # --- resources ------------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ rule summary:
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
     params:
-        config=lambda wildcards: json.dumps(config, sort_keys=True),
+        config=summary_config(config),
     shell:
         "python {input.script} --config-json {params.config:q}"
         " --manifest-out {output.manifest} --env-out {output.env} > {log} 2>&1"
