@@ -53,10 +53,12 @@ def files_to_upload(cfg: Config, prefix: str) -> list[tuple[Path, str]]:
     return pairs
 
 
-def put_single(store: s3.Store, bucket: str, key: str, path: Path, digest: str) -> None:
+def put_single(store: s3.Store, bucket: str, key: str, path: Path, digest: str) -> int:
+    """Upload in one request; returns 1 (the parts, as put_multipart does)."""
     data = path.read_bytes()
     store.call(f"upload {path} to s3://{bucket}/{key}", "PUT", bucket, key, data=data,
                headers={"x-amz-meta-sha256": digest}, payload_hash=hashlib.sha256(data).hexdigest())
+    return 1
 
 
 def put_multipart(store: s3.Store, bucket: str, key: str, path: Path, digest: str, part_size: int) -> int:
@@ -123,7 +125,7 @@ def main(cfg: Config) -> dict:
             if status != 200 or int(headers.get("content-length", -1)) != size:
                 raise StageError(f"s3://{bucket}/{key} holds {headers.get('content-length')} bytes after the upload, "
                                  f"{path} has {size}")
-            action = f"uploaded in {parts} parts" if parts else "uploaded"
+            action = "uploaded" if parts == 1 else f"uploaded in {parts} parts"
             sent += size
         log.info("%-24s %12s B  s3://%s/%s", action, f"{size:,}", bucket, key)
         objects.append({"key": key, "file": str(path), "sha256": digest, "bytes": size, "action": action})

@@ -30,7 +30,10 @@ def store(s3_server):
     yield s3.Store(s3_server)
     moto_auth(s3_server, "inf")
     for name, value in previous.items():
-        os.environ.pop(name) if value is None else os.environ.update({name: value})
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
 
 
 def outputs(tmp_path):
