@@ -235,8 +235,7 @@ def download(url: str, dst: Path, cfg: Config) -> None:
         with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as fh:
             shutil.copyfileobj(response, fh, 1 << 22)
     except urllib.error.HTTPError as err:
-        raise StageError(f"download {url} failed: HTTP {err.code} {err.reason}: "
-                         f"{s3.error_detail(err.code, err.read(2000).decode(errors='replace'))}") from None
+        raise s3.http_error(f"download {url}", err) from None
     except (urllib.error.URLError, OSError) as err:
         raise StageError(f"download {url} failed: {getattr(err, 'reason', err)} (no network on this node? "
                          "run the container stage where the network is: README, Container)") from None

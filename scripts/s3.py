@@ -58,6 +58,12 @@ def error_detail(code: int, body: str) -> str:
     return body[:300]
 
 
+def http_error(what: str, err: urllib.error.HTTPError) -> StageError:
+    """The StageError for an HTTP error response to `what`: status, and the detail error_detail finds."""
+    return StageError(f"{what} failed: HTTP {err.code} {err.reason}: "
+                      f"{error_detail(err.code, err.read(2000).decode(errors='replace'))}")
+
+
 @dataclass
 class Store:
     endpoint: str | None = None  # None: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS in `region`
@@ -114,8 +120,7 @@ class Store:
         except urllib.error.HTTPError as err:
             if method == "HEAD" and err.code == 404:
                 return 404, {}, b""
-            detail = error_detail(err.code, err.read(2000).decode(errors="replace"))
-            raise StageError(f"{what} failed: HTTP {err.code} {err.reason}: {detail}") from None
+            raise http_error(what, err) from None
         except (urllib.error.URLError, OSError) as err:
             raise StageError(f"{what} failed: {getattr(err, 'reason', err)} (is {self.base.geturl()} reachable "
                              "from this node?)") from None

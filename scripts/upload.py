@@ -54,10 +54,10 @@ def files_to_upload(cfg: Config, prefix: str) -> list[tuple[Path, str]]:
 
 
 def put_single(store: s3.Store, bucket: str, key: str, path: Path, digest: str) -> int:
-    """Upload in one request; returns 1 (the parts, as put_multipart does)."""
-    data = path.read_bytes()
-    store.call(f"upload {path} to s3://{bucket}/{key}", "PUT", bucket, key, data=data,
-               headers={"x-amz-meta-sha256": digest}, payload_hash=hashlib.sha256(data).hexdigest())
+    """Upload in one request; returns 1 (the parts, as put_multipart does). The body is signed with the file's
+    sha256, so the store itself refuses a body that differs from the digest recorded in the metadata."""
+    store.call(f"upload {path} to s3://{bucket}/{key}", "PUT", bucket, key, data=path.read_bytes(),
+               headers={"x-amz-meta-sha256": digest}, payload_hash=digest)
     return 1
 
 
