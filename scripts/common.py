@@ -94,6 +94,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On AVX512-BF16 CPUs bitsandbytes advises installing `kernels` for its packed 4-bit inference kernel, which
+    # training never uses (scripts/quantized.py keeps the trainable layout): advice that misleads in a stage log.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # --- files ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common import StageError, cli, log, peak_memory, read_json, read_jsonl, sha256_file, table, write_json
 from portable import make_portable
+from quantized import keep_trainable, packed_layout_guard, quantization_config
 from train_control import (
     find_resume_checkpoint,
     first_last,
@@ -41,7 +42,12 @@ from train_control import (
     run_finished,
     stop_on_signal,
 )
-from train_speed import attention_implementation, quantization_config, speed_settings
+from train_speed import attention_implementation, speed_settings
+
+# Part of the checkpoint fingerprint: bump it when a change to the stage alters what training computes, so that
+# runs saved by the old code are not resumed (or taken as finished) by the new one. 2: 4-bit layers kept trainable
+# on AVX512-BF16 CPUs (quantized.keep_trainable); checkpoints of version 1 trained without the frozen base's grad.
+TRAINING_VERSION = 2
 
 PATH_FIELDS = (
     "model_json", "train_data", "eval_data", "preflight", "output_dir", "metrics_out", "checkpoint_root",
@@ -193,6 +199,7 @@ def fingerprint(cfg: Config, model_record: dict, device: str, bf16: bool, world_
     """Short hash of everything that decides the training result: settings, data, base model, device."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS}
     payload = {
+        "version": TRAINING_VERSION,
         "training": settings,
         "train_sha256": sha256_file(cfg.train_data),
         "eval_sha256": sha256_file(cfg.eval_data),
@@ -300,6 +307,10 @@ def build_trainer(cfg: Config, model_path: str, args, tokenizer, train_ds, eval_
             callbacks=callbacks,
         )
     trainer.remove_callback(PrinterCallback)  # the Progress callback writes the log lines instead
+    # Before any forward pass: evaluations must not repack 4-bit weights into the CPU layout without a backward.
+    if layers := keep_trainable(trainer.model):
+        log.info("%d 4-bit layers kept in the trainable layout (no CPU inference repack on evaluation)", layers)
+        trainer.add_callback(packed_layout_guard())
     return trainer
 
 

@@ -1,5 +1,5 @@
 """The speed levers of the train stage and how each maps to TRL's SFTConfig or to the model loading:
-quantisation, attention kernel, padding-free batches, gradient checkpointing modes, torch.compile, Liger kernels,
+attention kernel, padding-free batches, gradient checkpointing modes, torch.compile, Liger kernels,
 dataloader workers and pinning. README "Performance" gives the measurements behind the defaults;
 scripts/bench.py measures them. No heavy imports at module level.
 """
@@ -12,23 +12,6 @@ from common import StageError
 
 if TYPE_CHECKING:
     from train import Config
-
-
-def quantization_config(quantization: str, compute_dtype):
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if quantization == "none":
-        return None
-    raise StageError(f"training.quantization must be 4bit, 8bit or none, got {quantization!r}")
 
 
 ATTENTION = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager")

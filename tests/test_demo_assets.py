@@ -11,6 +11,7 @@ from pathlib import Path
 import build_demo_model
 import make_demo_data
 import pytest
+import quantized
 from common import StageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +133,7 @@ def test_base_survives_4bit_quantisation(tiny_model):
         ),
     )
     assert type(quant.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    quantized.keep_trainable(quant)  # the layout QLoRA trains in, on every CPU (not the AVX512-BF16 inference one)
     enc = tokenizer.apply_chat_template(rows()[0]["messages"], return_tensors="pt", return_dict=True)
     with torch.no_grad():
         a, b = full(**enc).logits, quant(**enc).logits

@@ -56,10 +56,18 @@ def test_the_model_learned(run_dir):
     train = metrics(run_dir, "train")
     assert train["trainable_params"] > 0 and train["adapter_max_abs_change"] > 0
     assert train["quantization"] == "4bit" and train["device"] == "cpu"
-    assert train["eval_loss_first"] / train["eval_loss_last"] > 5, train
+    assert train["eval_loss_first"] / train["eval_loss_last"] >= 5, train
+    assert train["train_loss_last"] < 0.2, train  # ~0.02 measured; 2.7 when the 4-bit base dropped its gradient
     evaluation = metrics(run_dir, "evaluate")
-    assert evaluation["base_eval_loss"] / evaluation["finetuned_eval_loss"] > 5, evaluation
+    assert evaluation["finetuned_eval_loss"] <= 0.2 * evaluation["base_eval_loss"], evaluation
     assert evaluation["train_exact_match"] >= 0.75, evaluation  # greedy answers reproduce trained answers
+
+
+def test_no_stage_log_warns_of_silently_incorrect_results(run_dir):
+    """bitsandbytes' packed CPU layout has no backward; PyTorch warns when training runs through it."""
+    for log in sorted((run_dir / "logs").glob("*.log")):
+        text = log.read_text()
+        assert "autograd kernel was not registered" not in text and "silently incorrect" not in text, log.name
 
 
 def test_the_merged_model_matches_base_plus_adapter(run_dir):
