@@ -1,8 +1,10 @@
 """Build the demo's tiny Llama-architecture model and its tokenizer from a dataset, offline and deterministically.
 
-    python scripts/build_demo_model.py --data data/demo/medical_qa.jsonl --output results/demo/model/demo [--seed 0]
+    python scripts/build_demo_model.py --data data/demo/medical_qa.jsonl --output results/demo/model/demo \
+        [--format auto --text-field text --split train --eval-split auto --config-name null --seed 0]
 
-A byte-level BPE tokenizer is trained on the dataset's text, with Llama-3-style special tokens and a Llama-3-style
+The dataset is any the data stage reads (scripts/dataset_source.py: files, save_to_disk and repository directories,
+hub names), read the same way. A byte-level BPE tokenizer is trained on its text, with Llama-3-style special tokens and a Llama-3-style
 chat template whose assistant turns sit in `{% generation %}...{% endgeneration %}` (for assistant-only loss). A
 randomly initialised LlamaForCausalLM (seeded) is saved next to it as safetensors, with a generation config that
 stops on `<|eot_id|>` and `<|end_of_text|>`. The weights are random: the model only knows what fine-tuning teaches
@@ -26,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import StageError, cli, log, read_jsonl, table  # noqa: E402
+from common import StageError, cli, log, table  # noqa: E402
+from dataset_source import columns, normalise, read_source, resolve_format, texts  # noqa: E402
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
@@ -79,45 +82,33 @@ NF4_BLOCKSIZE = 64
 
 @dataclass
 class Config:
-    data: str = field(metadata={"help": "JSON Lines dataset whose text the tokenizer is trained on."})
+    data: str = field(metadata={"help": "the dataset (dataset.path): any source the data stage reads"})
     output: str = field(
         metadata={"help": "Directory to write the model, tokenizer and generation config to."}
     )
+    format: str = field(default="auto", metadata={"help": "dataset.format"})
+    text_field: str = field(default="text", metadata={"help": "dataset.text_field"})
+    split: str = field(default="train", metadata={"help": "dataset.split"})
+    eval_split: str = field(default="auto", metadata={"help": "dataset.eval_split"})
+    config_name: str | None = field(default=None, metadata={"help": "dataset.config_name"})
     seed: int = field(default=0, metadata={"help": "Seed of the random weight initialisation."})
 
 
-def dataset_texts(path: str) -> list[str]:
-    """Every string of the dataset (message contents and roles, or the text columns), in file order."""
-    if not Path(path).is_file():
-        raise StageError(f"dataset {path} is missing")
-    rows = read_jsonl(path)
-    with open(path, encoding="utf-8") as fh:
-        linenos = [n for n, line in enumerate(fh, start=1) if line.strip()]
-    texts: list[str] = []
-    for row, lineno in zip(rows, linenos, strict=True):
-        where = f"{path} line {lineno}"
-        if "messages" in row:
-            messages = row["messages"]
-            if not isinstance(messages, list) or not messages:
-                raise StageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-            for i, message in enumerate(messages):
-                if not (
-                    isinstance(message, dict)
-                    and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)
-                ):
-                    raise StageError(
-                        f"{where}: message {i} must be an object with string 'role' and 'content'"
-                    )
-                texts += [message["role"], message["content"]]
-        else:
-            strings = [value for value in row.values() if isinstance(value, str) and value]
-            if not strings:
-                raise StageError(f"{where}: no 'messages' list and no text field")
-            texts += strings
-    if not texts:
-        raise StageError(f"dataset {path} has no rows")
-    return texts
+def dataset_texts(cfg: Config) -> list[str]:
+    """Every string of the dataset's rows (training and held-out split), read and normalised as the data stage
+    reads them, so that every dataset it accepts builds a tokenizer, and a bad one fails with its message."""
+    source = read_source(cfg.data, cfg.split, cfg.eval_split, cfg.config_name)
+    where = f"dataset {cfg.data}" + (f" split {source.split}" if source.split else "")
+    if not source.rows:
+        raise StageError(f"{where} has no rows")
+    fmt, text_field = resolve_format(columns(source.rows), cfg.format, cfg.text_field, cfg.data)
+    rows = normalise(source.rows, fmt, text_field, where)
+    if source.eval_rows:
+        rows += normalise(source.eval_rows, fmt, text_field, f"dataset {cfg.data} split {source.eval_split}")
+    found = [text for row in rows for text in texts(row)]
+    if not found:
+        raise StageError(f"{where}: no text in its rows (format {fmt}); check dataset.format and dataset.text_field")
+    return found
 
 
 def build_tokenizer(texts: list[str]):
@@ -195,12 +186,12 @@ def nf4_round_trip(weight):
 
 
 def main(cfg: Config) -> None:
-    texts = dataset_texts(cfg.data)
+    corpus = dataset_texts(cfg)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        tokenizer = build_tokenizer(texts)
+        tokenizer = build_tokenizer(corpus)
         model = build_model(tokenizer, cfg.seed)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -238,7 +229,7 @@ def main(cfg: Config) -> None:
         table(
             [
                 ("output", str(out)),
-                ("texts", len(texts)),
+                ("texts", len(corpus)),
                 ("vocab", len(tokenizer)),
                 ("parameters", f"{params:,}"),
                 ("files", ", ".join(sorted(p.name for p in out.iterdir()))),

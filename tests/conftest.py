@@ -3,6 +3,7 @@ and shared by the tests that inspect them: every process that imports trl/peft p
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -89,6 +90,39 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 0, scale: float = 0.05, 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_input(kind: str, path: Path, rows: list[dict]) -> Path:
+    """The rows as a dataset of one kind the data stage reads, in directory `path`; returns dataset.path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind == "json_array":
+        (path := path / "data.json").write_text(json.dumps(rows, indent=2))
+    elif kind == "json_lines":
+        path = write_rows(path / "data.json", rows)
+    elif kind == "jsonl":
+        path = write_rows(path / "data.jsonl", rows)
+    elif kind == "csv":
+        with open(path := path / "data.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path := path / "data.parquet")
+    elif kind in ("arrow_file", "arrow_stream"):
+        table = pa.Table.from_pylist(rows)
+        new = pa.ipc.new_file if kind == "arrow_file" else pa.ipc.new_stream
+        with pa.OSFile(str(path := path / "data.arrow"), "wb") as sink, new(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        import datasets
+
+        ds = datasets.Dataset.from_list(rows)
+        if kind == "dataset_dict":
+            ds = datasets.DatasetDict(train=ds.select(range(2)), test=ds)
+        ds.save_to_disk(str(path := path / "saved"))
     return path
 
 

@@ -4,16 +4,17 @@ tokenizer."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import dataset_source
 import prepare_data
 import pytest
 from common import StageError, parse_args, read_jsonl
+from conftest import write_input
 
 QA = [(f"What helps with symptom {i}?", f"Rest and fluids help with symptom {i}.") for i in range(12)]
 PC_ROWS = [{"prompt": q, "completion": a} for q, a in QA]
@@ -75,38 +76,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # --- input kinds --------------------------------------------------------------------------------------------
-
-
-def write_input(kind: str, path: Path, rows: list[dict]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if kind == "json_array":
-        (path := path / "data.json").write_text(json.dumps(rows, indent=2))
-    elif kind == "json_lines":
-        path = write_jsonl(path / "data.json", rows)
-    elif kind == "jsonl":
-        path = write_jsonl(path / "data.jsonl", rows)
-    elif kind == "csv":
-        with open(path := path / "data.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    elif kind == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows), path := path / "data.parquet")
-    elif kind in ("arrow_file", "arrow_stream"):
-        table = pa.Table.from_pylist(rows)
-        new = pa.ipc.new_file if kind == "arrow_file" else pa.ipc.new_stream
-        with pa.OSFile(str(path := path / "data.arrow"), "wb") as sink, new(sink, table.schema) as writer:
-            writer.write_table(table)
-    else:
-        import datasets
-
-        ds = datasets.Dataset.from_list(rows)
-        if kind == "dataset_dict":
-            ds = datasets.DatasetDict(train=ds.select(range(2)), test=ds)
-        ds.save_to_disk(str(path := path / "saved"))
-    return path
 
 
 KINDS = [
@@ -201,8 +170,7 @@ def test_seed_format_strips_bos_and_counts_it(run, tmp_path):
     ],
 )
 def test_auto_detection_order(columns, expected):
-    cfg = prepare_data.Config(path="p", model_json="m", train_out="t", eval_out="e", report_out="r")
-    assert prepare_data.resolve_format(columns, cfg) == expected
+    assert dataset_source.resolve_format(columns, "auto", "text", "p") == expected
 
 
 # --- split, sampling, determinism ---------------------------------------------------------------------------
@@ -354,7 +322,7 @@ def test_unknown_hub_dataset_offline(run):
     [
         ("missing.jsonl", ("missing.jsonl not found",)),
         ("notes.txt", ("unsupported file type '.txt'",)),
-        ("plain_dir", ("not one saved with datasets' save_to_disk",)),
+        ("plain_dir", ("neither saved with datasets' save_to_disk nor holding data files",)),
         ("dataset_dict", ("no split 'validation' (it has train, test)", "dataset.split")),
         ("empty.jsonl", ("has no rows",)),
     ],
@@ -443,3 +411,78 @@ def test_invalid_utf8_names_the_file_and_line(tmp_path):
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(StageError, match=r"bad.jsonl line 2: not valid UTF-8"):
         read_jsonl(path)
+
+
+# --- held-out splits the dataset already has ----------------------------------------------------------------
+
+HELD = [{"prompt": f"Held-out question {i}?", "completion": f"Held-out answer {i}."} for i in range(5)]
+
+
+def dataset_dict(path: Path, **splits: list[dict]) -> Path:
+    import datasets
+
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
+        str(path))
+    return path
+
+
+def test_a_validation_split_is_the_held_out_set(run, tmp_path):
+    """The dataset's own validation split is held out whole (eval_fraction does not apply); a held-out row that
+    repeats a training row is dropped, so nothing held out was trained on."""
+    data = dataset_dict(tmp_path / "dd", train=PC_ROWS, validation=HELD + [PC_ROWS[0]], test=HELD[:1])
+    report = run(data, eval_fraction=0.25)
+    assert (report["train_rows"], report["eval_rows"]) == (12, 5)
+    assert sorted(run.eval, key=str) == sorted(HELD, key=str)
+    assert sorted(run.train, key=str) == sorted(PC_ROWS, key=str)
+    assert report["split"] == "train" and report["splits"] == ["train", "validation", "test"]
+    assert report["eval_source"] == {"kind": "split", "split": "validation", "input_rows": 6, "kept": 5,
+                                     "dropped": {"empty": 0, "duplicate": 0, "too_long": 0, "in_train": 1}}
+    report = run(data, eval_split="test")
+    assert report["eval_rows"] == 1 and run.eval == HELD[:1]
+    report = run(data, eval_split="validation", max_eval_samples=2)
+    assert report["eval_rows"] == 2 and report["train_rows"] == 12
+
+
+def test_without_a_held_out_split_eval_fraction_applies(run, tmp_path):
+    data = dataset_dict(tmp_path / "dd", train=PC_ROWS, validation=HELD)
+    report = run(data, eval_split="none", eval_fraction=0.25)
+    assert (report["train_rows"], report["eval_rows"]) == (9, 3)
+    assert report["eval_source"] == {"kind": "fraction", "eval_fraction": 0.25}
+    report = run(dataset_dict(tmp_path / "only_train", train=PC_ROWS), eval_fraction=0.25)
+    assert (report["train_rows"], report["eval_rows"]) == (9, 3) and report["eval_source"]["kind"] == "fraction"
+
+
+def test_a_dataset_repository_directory_uses_its_validation_file(run, tmp_path):
+    """A directory laid out like a hub dataset repository (data files named by split), read through
+    datasets.load_dataset as a hub dataset is."""
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    write_jsonl(repo / "data" / "train.jsonl", PC_ROWS)
+    write_jsonl(repo / "data" / "validation.jsonl", HELD)
+    report = run(repo)
+    assert (report["train_rows"], report["eval_rows"]) == (12, 5)
+    assert report["eval_source"]["split"] == "validation" and sorted(report["splits"]) == ["train", "validation"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "options", "fragments"),
+    [
+        ("dict", {"eval_split": "dev"}, ("no split 'dev' (it has train, validation)", "dataset.eval_split")),
+        ("dict", {"eval_split": "train"}, ("dataset.eval_split 'train' is the training split",)),
+        ("file", {"eval_split": "validation"}, ("is a single file without splits", "auto or none")),
+        ("dict_bad_row", {}, ("split validation row 2: messages[0].role 'robot' is not one of", "(format messages)")),
+        ("dict_all_in_train", {}, ("split validation: 2 of 2 rows dropped (2 in_train), no rows left",
+                                   "set dataset.eval_split none")),
+    ],
+)
+def test_bad_held_out_splits(run, tmp_path, layout, options, fragments):
+    if layout == "file":
+        data = write_jsonl(tmp_path / "d.jsonl", PC_ROWS)
+    elif layout == "dict_bad_row":
+        good, bad = {"messages": chat("Q?", "A.")}, {"messages": [{"role": "robot", "content": "Q?"}]}
+        data = dataset_dict(tmp_path / "dd", train=[{"messages": chat(q, a)} for q, a in QA], validation=[good, bad])
+    elif layout == "dict_all_in_train":
+        data = dataset_dict(tmp_path / "dd", train=PC_ROWS, validation=PC_ROWS[:2])
+    else:
+        data = dataset_dict(tmp_path / "dd", train=PC_ROWS, validation=HELD)
+    run.fails(data, *fragments, **options)

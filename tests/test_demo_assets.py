@@ -13,6 +13,7 @@ import make_demo_data
 import pytest
 import quantized
 from common import StageError
+from conftest import write_input
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo" / "medical_qa.jsonl"
@@ -161,25 +162,47 @@ GOOD = json.dumps(
 
 
 @pytest.mark.parametrize(
-    ("bad_line", "message"),
+    ("bad_line", "where", "message"),
     [
-        ('{"messages": [{"role": "user", "content": "Hi"}', "not valid JSON"),
-        ('["a list"]', "expected a JSON object"),
-        ('{"messages": "Hi"}', "'messages' must be"),
-        ('{"messages": [{"role": "user"}]}', "message 0 must be"),
-        ('{"id": 7}', "no 'messages' list and no text field"),
+        ('{"messages": [{"role": "user", "content": "Hi"}', "line 3", "not valid JSON"),
+        ('["a list"]', "line 3", "expected a JSON object"),
+        ('{"messages": "Hi"}', "row 2", "messages is str, expected a list of messages"),
+        ('{"messages": [{"role": "robot", "content": "Hi"}]}', "row 2", "messages[0].role 'robot' is not one of"),
     ],
 )
-def test_malformed_line_names_file_and_line(tmp_path, bad_line, message):
+def test_malformed_line_names_file_and_line(tmp_path, bad_line, where, message):
+    """The data stage's own reader and messages (blank lines count as lines, not as rows)."""
     data = tmp_path / "bad.jsonl"
     data.write_text(f"{GOOD}\n\n{bad_line}\n{GOOD}\n")
     out = tmp_path / "model"
     with pytest.raises(StageError) as err:
         build_demo_model.main(build_demo_model.Config(data=str(data), output=str(out)))
-    assert f"{data} line 3" in str(err.value)
+    assert f"{data} {where}" in str(err.value)
     assert message in str(err.value)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["json_array", "csv", "parquet", "dataset", "dataset_dict"])
+def test_the_demo_model_builds_from_every_kind_of_dataset(tmp_path, kind):
+    """With preset demo and a user's own dataset (alpaca JSON array, csv, parquet, save_to_disk): the tokenizer
+    is trained on its text as the data stage reads it."""
+    from transformers import AutoTokenizer
+
+    alpaca = [{"instruction": f"Name symptom {i} of a cold.", "input": "", "output": f"Sneezing, case {i}."}
+              for i in range(8)]
+    data = write_input(kind, tmp_path, alpaca)
+    out = tmp_path / "model"
+    build_demo_model.main(build_demo_model.Config(data=str(data), output=str(out)))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "Name symptom 3 of a cold."
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    assert len(tokenizer(text).input_ids) < len(text) / 2  # merges learnt from the dataset's own words
+
+
+def test_a_hub_dataset_offline_fails_as_the_data_stage_does(tmp_path):
+    with pytest.raises(StageError, match="cannot load the hub dataset 'nosuchorg/nosuchdataset'.*save_to_disk"):
+        build_demo_model.main(build_demo_model.Config(data="nosuchorg/nosuchdataset", output=str(tmp_path / "m")))
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path):
@@ -197,7 +220,7 @@ def test_missing_data_is_a_clear_cli_error(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "nope.jsonl is missing" in proc.stderr
+    assert "nope.jsonl not found; set dataset.path" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "model").exists()
 

@@ -29,8 +29,10 @@ rule prepare_data:
                 "format",
                 "text_field",
                 "split",
+                "eval_split",
                 "config_name",
                 "max_samples",
+                "max_eval_samples",
             ),
             **pick(
                 DATASET, "eval_fraction", "long_rows", "max_dropped_fraction", "seed"

@@ -30,7 +30,7 @@ HUB_FETCH = (
 
 rule build_demo_model:
     input:
-        data=config["dataset"]["path"],
+        data=local_dataset(config["dataset"]["path"]),
         script=script("build_demo_model"),
         image=CONTAINER_IMAGE,
     output:
@@ -43,8 +43,21 @@ rule build_demo_model:
         in_image=IN_IMAGE,
         mem_mb=config["resources"]["cpu_mem_mb"],
         runtime=config["resources"]["cpu_runtime"],
+    params:
+        # the tokenizer is trained on the dataset's text, read as the data stage reads it
+        args=stage_args(
+            data=config["dataset"]["path"],
+            **pick(
+                config["dataset"],
+                "format",
+                "text_field",
+                "split",
+                "eval_split",
+                "config_name",
+            ),
+        ),
     shell:
-        "{resources.in_image}python {input.script} --data {input.data} --output {output} > {log} 2>&1"
+        "{resources.in_image}python {input.script} {params.args} --output {output} > {log} 2>&1"
 
 
 rule model:
