@@ -101,15 +101,16 @@ def element_size(st_dtype: str) -> int:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, as transformers reads max_shard_size."""
+    """'5GB' -> 5e9: max_shard_size read as save_pretrained reads it (huggingface_hub's parser, decimal units), so
+    that the streaming and the peft merge shard alike and accept the same settings."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
     if isinstance(text, int):
         return text
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
-    if not match:
-        raise StageError(f"max_shard_size {text!r} is not a size like 5GB or 500MB")
-    number, unit, binary = match.groups()
-    power = " KMGT".index(unit or " ")
-    return int(float(number) * ((1024 if binary else 1000) ** power))
+    try:
+        return parse_size_to_int(str(text))
+    except ValueError:
+        raise StageError(f"merge.max_shard_size {text!r} is not a size like 5GB, 500MB or 1.5TB") from None
 
 
 def base_files(base_dir: Path) -> list[Path]:

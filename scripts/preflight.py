@@ -48,6 +48,7 @@ def count_parameters(model_path: str, target_modules: str | list[str]) -> dict:
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    check_targets(model, target_modules, model_path)
     head = model.get_output_embeddings()
     linear_params = lora_units = 0
     for name, module in model.named_modules():
@@ -69,6 +70,26 @@ def count_parameters(model_path: str, target_modules: str | list[str]) -> dict:
         "num_layers": text_config.num_hidden_layers,
         "vocab_size": text_config.vocab_size,
     }
+
+
+def check_targets(model, target_modules: str | list[str], model_path: str) -> None:
+    """Every name in training.target_modules must name modules of the model, as PEFT matches them (the full name
+    or its last parts): PEFT itself fails only when none matches, and silently skips a misspelt one."""
+    import torch
+
+    if target_modules == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        head = model.get_output_embeddings()
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and module is not head})
+        raise StageError(
+            f"training.target_modules: {', '.join(map(repr, missing))} match no module of the model {model_path}. "
+            f"Its linear layers are named {', '.join(linear)}; list some of them, or set training.target_modules "
+            "to all-linear"
+        )
 
 
 def estimate_memory(params: dict, cfg: Config, bf16: bool) -> dict:

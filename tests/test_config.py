@@ -77,6 +77,12 @@ def test_flat_and_nested_overrides_as_snakemake_passes_them():
         ({"run_name": "../escape"}, "run_name: '../escape' does not match"),
         ({"model": {"source": "local"}}, "model.path: required when model.source is local"),
         ({"colour": "blue"}, "unknown key 'colour' at the top level"),
+        ({"training": {"optim": "adamw_magic"}},
+         "training.optim: 'adamw_magic' is not allowed (did you mean 'adamw_8bit'?); allowed values: adamw_torch, "),
+        ({"upload": {"bucket": "notabucket"}}, "upload.bucket: 'notabucket' is not s3://bucket[/prefix]"),
+        ({"upload": {"bucket": "s3://Bad_Bucket/runs"}}, "upload.bucket: 's3://Bad_Bucket/runs' is not s3://bucket"),
+        ({"merge": {"max_shard_size": "huge"}}, "merge.max_shard_size: 'huge' is not a size like 5GB, 500MB or 1.5TB"),
+        ({"merge": {"max_shard_size": "500MiB"}}, "merge.max_shard_size: '500MiB' is not a size like 5GB"),
     ],
 )
 def test_invalid_config_names_the_key_and_the_allowed_values(override, expected):
@@ -85,13 +91,45 @@ def test_invalid_config_names_the_key_and_the_allowed_values(override, expected)
     assert expected in str(err.value)
 
 
-def test_bad_config_is_rejected_before_any_job_starts(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training__quantization=3bit", "training.quantization: '3bit' is not allowed; allowed values: 4bit, 8bit"),
+        ("training__optim=adamw_magic", "training.optim: 'adamw_magic' is not allowed (did you mean 'adamw_8bit'?)"),
+        ("upload__bucket=notabucket", "upload.bucket: 'notabucket' is not s3://bucket[/prefix]"),
+        ("merge__max_shard_size=huge", "merge.max_shard_size: 'huge' is not a size like 5GB"),
+    ],
+)
+def test_bad_config_is_rejected_before_any_job_starts(tmp_path: Path, override, expected):
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1",
-         "--config", "training__quantization=3bit"],
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "--config", override],
         cwd=tmp_path, capture_output=True, text=True,
     )
     assert result.returncode != 0
-    assert "training.quantization: '3bit' is not allowed; allowed values: 4bit, 8bit, none" in result.stderr
+    assert expected in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_the_optimizer_names_are_transformers_own():
+    from transformers.training_args import OptimizerNames
+
+    schema = load_schema()["properties"]["training"]["properties"]["optim"]
+    assert schema["enum"] == [name.value for name in OptimizerNames]
+
+
+@pytest.mark.parametrize(("size", "accepted"), [
+    ("5GB", True), ("500MB", True), ("1.5TB", True), ("10kb", True), (" 2 GB ", True),
+    ("huge", False), ("5", False), ("500MiB", False), ("GB", False), ("-5GB", False),
+])
+def test_the_shard_size_pattern_accepts_what_save_pretrained_reads(size, accepted):
+    """What the schema's pattern accepts, huggingface_hub's parser (used by save_pretrained and the streaming
+    merge) reads; the common forms pass both, the rest fail before any job."""
+    import re
+
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    pattern = load_schema()["properties"]["merge"]["properties"]["max_shard_size"]["pattern"]
+    assert bool(re.search(pattern, size)) == accepted
+    if accepted:
+        assert parse_size_to_int(size) > 0

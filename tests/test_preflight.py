@@ -94,3 +94,20 @@ def test_fit_check_passes_and_refuses(llama8b_params):
     message = str(err.value)
     assert f"needs about {need['total_mb']} MiB" in message and "GPU 1 (Test GPU) has 8192 MiB" in message
     assert "micro_batch_size (now 1)" in message and "logits_fp32" in message
+
+
+@pytest.mark.parametrize("targets", [["no_such_proj"], ["q_proj", "v_prj"]])
+def test_target_modules_that_match_nothing_are_refused_with_the_names_that_would(targets, tiny_model, tmp_path):
+    """PEFT fails only when no name matches and silently skips a misspelt one: preflight refuses both, before the
+    train job, and lists the model's linear layers."""
+    record = tmp_path / "model.json"
+    record.write_text(json.dumps({"path": str(tiny_model)}))
+    with pytest.raises(StageError) as err:
+        run(record, tmp_path, max_seq_length=256, target_modules=targets)
+    bad = targets[-1]
+    assert f"training.target_modules: {bad!r} match no module of the model" in str(err.value)
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in str(err.value)
+    assert "lm_head" not in str(err.value)
+    assert not (tmp_path / "preflight.json").exists()
+    report = run(record, tmp_path, max_seq_length=256, target_modules=["q_proj", "self_attn.v_proj"])
+    assert report["device"] == "cpu"

@@ -157,6 +157,27 @@ def test_the_samples_show_reproduced_answers(run_dir):
     assert trained and sum(s["exact"] for s in trained) >= 0.75 * len(trained)
 
 
+def test_the_demo_preset_takes_a_users_alpaca_json_and_wrong_targets_stop_before_training(tmp_path):
+    """preset demo with the user's own data (an alpaca JSON array): the demo model is built from it and the data
+    stage reads it; a target module the model does not have stops the run at preflight, before the train job."""
+    rows = [{"instruction": q, "input": "", "output": a}
+            for q, a in ((r["messages"][1]["content"], r["messages"][2]["content"]) for r in read_jsonl(
+                REPO / "data" / "demo" / "medical_qa.jsonl")[:60])]
+    (tmp_path / "my.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    result = run_workflow(tmp_path, "--config", "dataset__path=my.json", 'training__target_modules=["no_such_proj"]',
+                          check=False)
+    assert result.returncode != 0
+    run = tmp_path / "results" / "demo"
+    report = json.loads((run / "data" / "report.json").read_text())
+    assert report["format"] == "alpaca" and report["kept"] == 60
+    assert (run / "model" / "demo" / "tokenizer.json").is_file()
+    preflight_log = (run / "logs" / "preflight.log").read_text()
+    assert "training.target_modules: 'no_such_proj' match no module of the model" in preflight_log
+    assert "q_proj" in preflight_log and "Traceback" not in preflight_log
+    assert not (run / "logs" / "train.log").exists() and not (run / "adapters").exists()
+
+
 def test_snakemake_lint_and_snakefmt_are_clean():
     bindir = Path(sys.executable).parent
     lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True)

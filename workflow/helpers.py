@@ -104,7 +104,11 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
         return f"config: unknown key {', '.join(hints)} {where}; allowed keys: {', '.join(known)}"
     if error.validator == "enum":
         allowed = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in error.validator_value)
-        return f"config key {key}: {error.instance!r} is not allowed; allowed values: {allowed}"
+        close = difflib.get_close_matches(str(error.instance), [str(v) for v in error.validator_value], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close and len(error.validator_value) > 8 else ""  # long lists
+        return f"config key {key}: {error.instance!r} is not allowed{hint}; allowed values: {allowed}"
+    if error.validator == "pattern" and "format_hint" in error.schema:
+        return f"config key {key}: {error.instance!r} is not {error.schema['format_hint']}"
     if error.validator == "oneOf":
         options = []
         for sub in error.validator_value:
