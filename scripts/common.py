@@ -5,17 +5,21 @@ can act on, and small file helpers. No heavy imports here: every stage pays for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import resource
+import socket
 import sys
 import tempfile
+import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,6 +123,38 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, waiting: str, cannot: str) -> Iterator[typing.IO]:
+    """Hold an exclusive flock on `path` (created) while the block runs; yield its open file (a child started with
+    it in pass_fds holds the lock too). When another process holds it, log `waiting` (formatted with {holder}:
+    host, pid, Slurm job and since when) and wait. The kernel drops the lock when its last holder dies, so a
+    killed run leaves no stale lock. `cannot`: the fix, for file systems without locks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                log.warning(waiting.format(holder=fh.read().strip() or "another process"))
+                started = time.monotonic()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                log.info("lock %s taken after %.0f s of waiting", path, time.monotonic() - started)
+        except OSError as err:
+            raise StageError(f"cannot lock {path} ({err.strerror}); {cannot}") from None
+        job = os.environ.get("SLURM_JOB_ID")
+        fh.truncate(0)
+        fh.write(f"{socket.gethostname()} pid {os.getpid()}{f' (Slurm job {job})' * bool(job)} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        try:
+            yield fh
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def current_umask() -> int:

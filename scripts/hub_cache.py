@@ -15,7 +15,6 @@ in their environment (GIT_CONFIG_COUNT): never in a URL, an argument, a file or 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import StageError, log, write_text
+from common import StageError, locked, log, write_text
 
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
 SHORT_SHA = re.compile(r"[0-9a-f]{7,39}")
@@ -216,34 +215,6 @@ def cache_root(req: Request) -> Path:
             "model.model_cache_dir to a directory you can write, on a file system that the cluster's nodes share"
         ) from None
     return req.root
-
-
-@contextmanager
-def locked(path: Path, label: str) -> Iterator[None]:
-    """Hold an exclusive flock on `path`: a second run that needs the same model waits here. The kernel drops
-    the lock when its holder dies, so a killed run leaves no stale lock."""
-    with open(path, "a+") as fh:
-        try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another run"
-                log.info("%s: waiting for %s, which is fetching or checking this model (lock %s)", label, holder, path)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as err:
-            raise StageError(
-                f"model {label}: cannot lock {path} ({err.strerror}); put model.model_cache_dir on a file system "
-                "that supports locks (local disk, NFSv4, Lustre or GPFS mounted with flock)"
-            ) from None
-        fh.truncate(0)
-        fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.truncate(0)
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ref_file(root: Path, revision: str) -> Path:
@@ -612,7 +583,9 @@ def fetch(req: Request) -> tuple[Path, str, dict]:
     require_tools(req)
     root = cache_root(req)
     git = Git(req)
-    with locked(root / ".lock", req.label):
+    with locked(root / ".lock", f"{req.label}: waiting for {{holder}}, which is fetching or checking this model (lock "
+                f"{root / '.lock'})", "put model.model_cache_dir on a file system that supports locks (local disk, "
+                "NFSv4, Lustre or GPFS mounted with flock)"):
         commit = pinned_commit(root, req) or resolve_remote(git)
         if commit is None or not checked_out(git, root / "snapshots" / commit, commit):
             commit = clone(git, root, commit)

@@ -19,6 +19,11 @@ Time limits: inside a Slurm job the launcher reads the job's end time (squeue) a
 before it, asks the workers to checkpoint and stop; the next run resumes from that checkpoint.
 SIGTERM/SIGUSR1 sent to the launcher reach the workers as SIGUSR1: they save a checkpoint and exit 2; the launcher
 exits with their status (see run()).
+
+One run at a time: with `--lock PATH` (the rule passes the run's checkpoint directory) the launcher holds an
+exclusive lock for as long as the trainers run (they inherit it). A second train job of the same run, started
+while the first still goes (the controller was killed and restarted, a job was resubmitted), waits for it instead
+of writing the same checkpoints and adapter; it then resumes from, or takes, what the first one saved.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+
+from common import locked, setup_logging
 
 STOP = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -105,14 +112,14 @@ def job_end_time(env: Mapping[str, str]) -> float | None:
         return None
 
 
-def run(cmd: list[str], deadline: float | None = None, resend_every: float = 5.0) -> int:
+def run(cmd: list[str], deadline: float | None = None, resend_every: float = 5.0, pass_fds: tuple = ()) -> int:
     """Run cmd in its own process group and wait for it. SIGTERM or SIGUSR1 (Slurm, before the time limit) become a
     SIGUSR1 to the whole group: the trainers checkpoint and stop, torchrun is left alone and reports how they ended.
     The workers start with SIGTERM and SIGUSR1 ignored, until the trainer installs its handler (imports take
     seconds): a signal that comes earlier is not fatal, and the launcher repeats it until the workers are gone."""
     stop = {s: signal.signal(s, signal.SIG_IGN) for s in STOP}
     try:
-        proc = subprocess.Popen(cmd, start_new_session=True)
+        proc = subprocess.Popen(cmd, start_new_session=True, pass_fds=pass_fds)
     finally:
         for signum, old in stop.items():
             signal.signal(signum, old)
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-image", default="",
                         help="prefix that runs a command in the container image (helpers.container_prefix); "
                              "empty: on the host")
+    parser.add_argument("--lock", default="",
+                        help="file to hold an exclusive lock on while training (one train job per run at a time)")
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- the trainer and its arguments")
     args = parser.parse_args(argv)
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
@@ -184,7 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         deadline = end - args.stop_before
         print(f"launch.py: the job ends at {time.strftime('%H:%M:%S', time.localtime(end))}: checkpoint and stop at "
               f"{time.strftime('%H:%M:%S', time.localtime(deadline))}", flush=True)
-    return run(cmd, deadline)
+    if not args.lock:
+        return run(cmd, deadline)
+    setup_logging()
+    waiting = ("launch.py: this run's checkpoints are in use by {holder}: another train job of the same run is still "
+               "going (a killed controller leaves its jobs running). Waiting for it to end, then resuming from "
+               f"what it saved; to stop it instead, scancel that job or kill that pid (lock {args.lock})")
+    with locked(args.lock, waiting, "put output_dir on a file system that supports locks") as lock:
+        return run(cmd, deadline, pass_fds=(lock.fileno(),))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import json
 import signal
 import time
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ def checkpoint_problem(path: Path) -> str | None:
     for name in ("optimizer.pt", "scheduler.pt"):
         if not (path / name).is_file() or (path / name).stat().st_size == 0:
             return f"{name} missing or empty"
+    for state in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
+        if not zipfile.is_zipfile(state):  # torch.save writes a zip archive; its directory is at the very end
+            return f"{state.name} is cut off (not a complete torch archive)"
     try:
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as weights:
             if not list(weights.keys()):

@@ -134,18 +134,40 @@ def demo_rows(start: int, stop: int) -> list[dict]:
 # --- running the workflow in a project directory -------------------------------------------------------------
 
 
+def workflow_command(*args: str, profile: str = "local", env: dict | None = None,
+                     path: str | None = None) -> tuple[list[str], dict]:
+    """The snakemake command line with one of the repository's profiles, and its environment: this environment's
+    tools first on PATH (or `path`), `env` added."""
+    environ = os.environ | {"PATH": path or f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
+    return [*SNAKEMAKE, "--profile", str(REPO / "profiles" / profile), "--cores", "2", *args], environ
+
+
 def run_workflow(workdir: Path, *args: str, profile: str = "local", env: dict | None = None,
                  path: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """snakemake with one of the repository's profiles, in `workdir`, with this environment's tools first on
-    PATH (or `path`) and `env` added to the environment."""
-    environ = os.environ | {"PATH": path or f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
-    result = subprocess.run(
-        [*SNAKEMAKE, "--profile", str(REPO / "profiles" / profile), "--cores", "2", *args],
-        cwd=workdir, env=environ, capture_output=True, text=True,
-    )
+    """snakemake (workflow_command) in `workdir`; a failure fails the test unless check is false."""
+    cmd, environ = workflow_command(*args, profile=profile, env=env, path=path)
+    result = subprocess.run(cmd, cwd=workdir, env=environ, capture_output=True, text=True)
     if check and result.returncode != 0:
         pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+DEMO_SECRET = "hf_e2eTestTokenNeverWrittenAnywhere0123"  # in the environment of the demo run; no file may hold it
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """A project directory as a user has it (config.yaml, data/), with the demo run completed in it."""
+    workdir = tmp_path_factory.mktemp("project")
+    (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (workdir / "data").symlink_to(REPO / "data")
+    run_workflow(workdir, env={"HF_TOKEN": DEMO_SECRET})
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def run_dir(demo) -> Path:
+    return demo / "results" / "demo"
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:

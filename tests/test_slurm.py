@@ -62,13 +62,21 @@ class Run:
         return slurm_cluster.scontrol_job(ids[attempt])
 
 
-def slurm_snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> Run:
+def slurm_command(*args: str, timeout: int = 1500) -> tuple[list[str], dict]:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = ["timeout", "-k", "10", str(timeout), *SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"),
-           *NO_ACCOUNTING, *QUICK_POLLING, *args]
+    return ["timeout", "-k", "10", str(timeout), *SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"),
+            *NO_ACCOUNTING, *QUICK_POLLING, *args], env
+
+
+def submitted(text: str) -> list[tuple[str, str, Path]]:
+    return [(m.group(3), m.group(1), Path(m.group(2))) for m in SUBMITTED.finditer(text)]
+
+
+def slurm_snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> Run:
+    cmd, env = slurm_command(*args, timeout=timeout)
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     text = result.stdout + result.stderr
-    jobs = [(m.group(3), m.group(1), Path(m.group(2))) for m in SUBMITTED.finditer(text)]
+    jobs = submitted(text)
     if check and result.returncode != 0:
         pytest.fail(f"snakemake --profile profiles/slurm {' '.join(args)} failed ({result.returncode}):\n"
                     f"{text[-8000:]}")
@@ -210,6 +218,50 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
     assert redone < max_steps  # a fresh run would have done all max_steps
     log = (workdir / "results" / "demo" / "logs" / "train.log").read_text()
     assert f"resuming from checkpoint-{resumed_at}" in log, log[:3000]
+
+
+def test_a_train_job_cancelled_with_scancel_is_resumed_by_the_retry(slurm_demo, tmp_path):
+    """scancel of the running train job (what an admin, a user or preemption does): Slurm sends SIGTERM, the
+    trainer saves a checkpoint at the end of its step and the job ends CANCELLED; Snakemake's retry resumes from
+    that checkpoint (not the last periodic one) and the run completes."""
+    import time
+
+    max_steps, save_steps = 300, 50
+    workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
+    shutil.rmtree(workdir / "results" / "demo" / "checkpoints")
+    train_log = workdir / "results" / "demo" / "logs" / "train.log"
+    output = tmp_path / "snakemake.out"
+    cmd, env = slurm_command("--config", *DEMO_RESOURCES, f"training__max_steps={max_steps}",
+                             f"training__save_steps={save_steps}", f"training__eval_steps={save_steps}",
+                             "training__logging_steps=5")
+    with open(output, "w") as sink:
+        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and controller.poll() is None:
+                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
+                                                    train_log.read_text() if train_log.is_file() else "")]
+                if steps and save_steps < steps[-1] < 2 * save_steps - 10:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"training never got past step {save_steps}:\n{output.read_text()[-4000:]}")
+            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
+            subprocess.run(["scancel", job], check=True)
+            assert controller.wait(900) == 0, output.read_text()[-8000:]
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+    text = output.read_text()
+    jobs = [job for rule, job, _ in submitted(text) if rule == "train"]
+    assert len(jobs) == 2, text[-6000:]
+    assert slurm_cluster.scontrol_job(jobs[0])["JobState"] == "CANCELLED"
+    assert slurm_cluster.scontrol_job(jobs[1])["JobState"] == "COMPLETED"
+    assert re.search(r"SIGTERM received|stopped by SIG(TERM|USR1) at step \d+", text), text[-6000:]
+    train = metrics(workdir, "train")
+    resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
+    assert save_steps < resumed_at < max_steps and train["steps"] == max_steps  # the checkpoint scancel made
+    assert f"resuming from checkpoint-{resumed_at}" in train_log.read_text()
 
 
 # --- the launcher: processes from the allocation, one launcher per node through srun ----------------------------

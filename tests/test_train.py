@@ -195,13 +195,16 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model, chats, tmp_path):
     assert m["eval_loss_best"] == min(e["eval_loss"] for e in m["log_history"] if "eval_loss" in e)
 
 
-def test_incomplete_checkpoints_are_skipped(qlora, tmp_path):
+@pytest.mark.parametrize("cut", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                                 "trainer_state.json"])
+def test_incomplete_checkpoints_are_skipped(qlora, tmp_path, cut):
+    """A checkpoint whose saving was cut off (any of its files short) is set aside, and the one before it taken."""
     run_dir = tmp_path / "run"
     shutil.copytree(Path(qlora["metrics"]["checkpoint_dir"]), run_dir)
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert train_control.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-8"
-    weights = run_dir / "checkpoint-8" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # cut off while saving
+    damaged = run_dir / "checkpoint-8" / cut
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # the process died while writing it
     assert train_control.find_resume_checkpoint(run_dir, is_main=True) == run_dir / "checkpoint-4"
     assert (run_dir / "broken-checkpoint-8").is_dir(), "set aside, out of the trainer's rotation"
     (run_dir / "checkpoint-4" / "trainer_state.json").unlink()

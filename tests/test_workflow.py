@@ -11,29 +11,14 @@ from pathlib import Path
 import pytest
 import s3
 from common import read_jsonl, sha256_file
+from conftest import DEMO_SECRET as SECRET
 from conftest import REPO, SNAKEMAKE, moto_auth, planned_jobs, run_workflow, s3_key, s3_put
 
 pytestmark = pytest.mark.e2e
-SECRET = "hf_e2eTestTokenNeverWrittenAnywhere0123"
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_workflow(workdir, *args, env={"HF_TOKEN": SECRET}, check=check)
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Path:
-    """A project directory as a user has it (config.yaml, data/), with the demo run completed in it."""
-    workdir = tmp_path_factory.mktemp("project")
-    (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
-    (workdir / "data").symlink_to(REPO / "data")
-    snakemake(workdir)
-    return workdir
-
-
-@pytest.fixture(scope="session")
-def run_dir(demo) -> Path:
-    return demo / "results" / "demo"
 
 
 def metrics(run_dir: Path, name: str) -> dict:
