@@ -2,7 +2,7 @@
 # make test   create the environment and run the test suite
 # make lint   snakemake --lint, snakefmt --check, ruff
 # make bench  our train stage vs a plain TRL+PEFT baseline (8B architecture on a GPU, the tiny model on the CPU);
-#             BENCH_ARGS="--preset mistral-7b" picks another; scripts/bench.py merge|workflow for the others
+#             BENCH_ARGS="--preset mistral-7b" picks another; scripts/tools/bench.py merge|workflow for the others
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +16,17 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: env demo test lint bench clean
 
-env: $(STAMP)
+PACKAGE := $(VENV)/.package
+
+env: $(STAMP) $(PACKAGE)
+
+# The library (scripts/hpc_finetune), installed editable as links to its files: an edit is seen at once, a new or
+# removed module (a directory's time changes) re-links. Strict mode: only the package, not the stage programs
+# next to it, becomes importable in the environment.
+$(PACKAGE): $(STAMP) pyproject.toml $(shell find scripts/hpc_finetune -type d -not -name __pycache__)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --editable . \
+		--config-settings editable_mode=strict
+	touch $@
 
 # torch==2.13.0 is pinned: pip takes the CPU wheel where one is on disk, the CUDA build elsewhere.
 $(STAMP): singularity/requirements.txt requirements-dev.txt requirements-transformers4.txt
@@ -27,20 +37,20 @@ $(STAMP): singularity/requirements.txt requirements-dev.txt requirements-transfo
 		--target $(TRANSFORMERS4_PATH) -r requirements-transformers4.txt
 	touch $@
 
-demo: $(STAMP)
+demo: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local
 
-test: $(STAMP)
+test: $(STAMP) $(PACKAGE)
 	$(BIN)/python -m pytest
 
 BENCH_ARGS ?=
-bench: $(STAMP)
-	$(BIN)/python scripts/bench.py train $(BENCH_ARGS)
+bench: $(STAMP) $(PACKAGE)
+	$(BIN)/python scripts/tools/bench.py train $(BENCH_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/ruff check scripts workflow tests
 
 clean:
-	rm -rf results resources .snakemake
+	rm -rf results resources .snakemake build

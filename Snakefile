@@ -3,10 +3,9 @@
     snakemake --profile profiles/local                # the embedded demo, on a laptop CPU
     snakemake --profile profiles/slurm --config preset=llama3-8b-medical run_name=med
 
-The Snakefile only resolves and validates the config, includes one rule file per stage, and defines `all`.
+The Snakefile is the config, the includes (workflow/rules/common.smk first: the resolved config and the
+helpers) and `rule all`. README, "Where the code lives".
 """
-
-import sys
 
 from snakemake.utils import min_version
 
@@ -16,37 +15,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-sys.path.insert(0, f"{workflow.basedir}/workflow")
-
-from helpers import (  # noqa: E402
-    ConfigError,
-    check_container,
-    container_definition,
-    container_image,
-    container_on,
-    container_prefix,
-    project_commit,
-    final_model,
-    final_targets,
-    local_dataset,
-    out,
-    pick,
-    resolve_config,
-    script,
-    stage_args,
-    summary_config,
-    summary_inputs,
-    upload_dirs,
-)
-
-try:
-    _resolved = resolve_config(config)
-except ConfigError as err:
-    sys.exit(f"Invalid configuration (fix config.yaml or --config):\n{err}")
-config.clear()
-config.update(_resolved)
-
-
+include: "workflow/rules/common.smk"
 include: "workflow/rules/container.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"

@@ -12,7 +12,7 @@ decides the device from the preflight report and falls back to gloo on the CPU.
 - M nodes (`--nodes` > 1, inside a Slurm job with M nodes): `srun --nodes M --ntasks-per-node 1` starts one
   torchrun per node, with the c10d rendezvous on the job's first node (`--port`), rendezvous id the job id.
 
-The launcher itself runs on the host (standard library only): srun and squeue are there, not in the image. With
+The launcher itself runs on the host (no heavy imports): srun and squeue are there, not in the image. With
 `--in-image PREFIX` it starts the trainer, torchrun or each node's part through PREFIX (after srun).
 
 Time limits: inside a Slurm job the launcher reads the job's end time (squeue) and, `--stop-before` seconds
@@ -39,7 +39,8 @@ import sys
 import time
 from collections.abc import Mapping
 
-from common import locked, setup_logging
+from hpc_finetune.io.cli import setup_logging
+from hpc_finetune.io.files import locked
 
 STOP = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-before", type=int, default=300,
                         help="seconds before the Slurm job's time limit to checkpoint and stop; 0: never")
     parser.add_argument("--in-image", default="",
-                        help="prefix that runs a command in the container image (helpers.container_prefix); "
+                        help="prefix that runs a command in the container image (hpc_finetune.workflow.container.container_prefix); "
                              "empty: on the host")
     parser.add_argument("--lock", default="",
                         help="file to hold an exclusive lock on while training (one train job per run at a time)")

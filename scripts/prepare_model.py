@@ -6,123 +6,52 @@
         --revision main --model-cache-dir /shared/models --output results/run/model/model.json
 
 Sources: `demo` (the tiny model built by build_demo_model.py), `local` (a directory), and `hub`: a git-lfs
-clone of {hub-url}/{model-id} at a pinned revision into the shared cache (hub_cache.py), checked and reused
+clone of {hub-url}/{model-id} at a pinned revision into the shared cache (hpc_finetune.hub), checked and reused
 without network when complete. The record (model.json) holds the absolute path, the commit of a hub model,
 the parameter count read from the safetensors headers, and a fingerprint of the files.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hub_cache
-from common import StageError, cli, log, read_json, table, write_json
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+from hpc_finetune.hub.cache import fetch
+from hpc_finetune.hub.request import Request, read_token
+from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.files import write_json
+from hpc_finetune.io.schema import option
+from hpc_finetune.model.record import check_model_dir, fingerprint
 
 
 @dataclass
 class Config:
     output: str = field(metadata={"help": "model record to write (model.json)"})
-    source: str = field(default="local", metadata={"help": "demo | local | hub"})
-    path: str | None = field(default=None, metadata={"help": "model directory (demo, local)"})
-    model_id: str | None = field(default=None, metadata={"help": "hub id org/name"})
-    revision: str = field(default="main", metadata={"help": "hub revision: branch, tag or commit"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the repository"})
-    hub_url: str = field(default="https://huggingface.co", metadata={"help": "hub or mirror base URL (file:// too)"})
-    model_cache_dir: str = field(default="~/.cache/hpc-finetune/models", metadata={"help": "shared model cache"})
-    token_file: str | None = field(default=None, metadata={"help": "file holding the hub token (else HF_TOKEN)"})
-    update: bool = field(default=False, metadata={"help": "resolve a branch or tag against the hub again"})
-    min_free_gb: float = field(default=1.0, metadata={"help": "disk space to leave free after the download (GB)"})
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The weight files a loader would read: the safetensors (index) first, else the .bin (index)."""
-    names = {p.name for p in directory.iterdir() if p.is_file()}
-    index, files = hub_cache.pick_weights(names, lambda name: read_json(directory / name, "weight index"))
-    if not files:
-        raise StageError(
-            f"model {directory}: no weights found (model.safetensors, a safetensors index, or pytorch_model.bin); "
-            "point model.path at the directory that holds config.json and the weights"
-        )
-    missing = [f for f in files if not (directory / f).is_file()]
-    if missing:
-        raise StageError(
-            f"model {directory}: {index} lists shards that are missing: {', '.join(missing[:5])}; "
-            "the download is incomplete: fetch the model again"
-        )
-    return [directory / f for f in files]
-
-
-def safetensors_params(path: Path) -> int:
-    """Parameter count from a safetensors header, without loading any tensor."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        try:
-            header = json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise StageError(f"model weights {path}: not a valid safetensors file (corrupt or truncated)") from None
-    total = 0
-    for name, info in header.items():
-        if name != "__metadata__":
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            total += count
-    return total
-
-
-def check_model_dir(directory: Path) -> dict:
-    """Validate a model directory; return what the record needs. Errors name the directory and the fix."""
-    if not directory.is_dir():
-        raise StageError(f"model directory {directory} does not exist; set model.path to a downloaded model")
-    pointers = sorted(p.name for p in directory.iterdir() if hub_cache.is_lfs_pointer(p))
-    if pointers:
-        raise StageError(
-            f"model {directory}: {', '.join(pointers[:5])} are git-lfs pointer files, not their contents: the "
-            "directory was cloned without git-lfs. Run `git lfs pull` in it, or use model.source: hub"
-        )
-    model_config = read_json(directory / "config.json", "model config") if (directory / "config.json").is_file() else None
-    if not model_config or "model_type" not in model_config:
-        raise StageError(f"model {directory}: config.json is missing or has no model_type; is this a model directory?")
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise StageError(
-            f"model {directory}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files next to "
-            "config.json"
-        )
-    weights = weight_files(directory)
-    params = sum(safetensors_params(w) for w in weights) if weights[0].suffix == ".safetensors" else None
-    return {"config": model_config, "weights": weights, "num_parameters": params}
-
-
-def fingerprint(directory: Path, weights: list[Path]) -> str:
-    """sha256 over the small files' contents and the weights' names and sizes (hashing 16 GB of weights on
-    every run would cost minutes; a changed download changes the sizes or the index)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.stat().st_size < 50_000_000):
-        digest.update(path.name.encode() + path.read_bytes())
-    for path in weights:
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()
+    source: str = option("model.source")
+    path: str | None = option("model.path")
+    model_id: str | None = option("model.model_id")
+    revision: str = option("model.revision")
+    trust_remote_code: bool = option("model.trust_remote_code")
+    hub_url: str = option("model.hub_url")
+    model_cache_dir: str = option("model.model_cache_dir")
+    token_file: str | None = option("model.token_file")
+    update: bool = option("model.update")
+    min_free_gb: float = option("model.min_free_gb")
 
 
 def fetch_hub_model(cfg: Config) -> tuple[Path, str]:
     """The hub model's directory in the shared cache, and its commit."""
-    request = hub_cache.Request(
+    request = Request(
         model_id=cfg.model_id or "",
         revision=cfg.revision,
         hub_url=cfg.hub_url,
         cache_dir=Path(os.path.expandvars(cfg.model_cache_dir)).expanduser().resolve(),
-        token=hub_cache.read_token(cfg.token_file, cfg.model_id or ""),
+        token=read_token(cfg.token_file, cfg.model_id or ""),
         update=cfg.update,
         min_free_bytes=int(cfg.min_free_gb * 1e9),
     )
-    directory, commit, _ = hub_cache.fetch(request)
+    directory, commit, _ = fetch(request)
     return directory, commit
 
 

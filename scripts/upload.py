@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import s3
-from common import StageError, cli, log, sha256_file, table, write_json
+from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.files import sha256_file, write_json
+from hpc_finetune.io.schema import option
+from hpc_finetune.storage import s3
 
 MIN_PART_MB = 5  # S3's smallest part but the last
 MAX_PARTS = 10_000  # S3's most parts of one object
@@ -33,9 +35,9 @@ class Config:
     dirs: list[str] = field(metadata={"help": "JSON list of directories to upload (merged model, adapter)"})
     manifest: str = field(metadata={"help": "manifest.json of the summary stage, uploaded last"})
     record_out: str = field(metadata={"help": "upload.json to write: every object, uploaded or skipped"})
-    endpoint: str | None = field(default=None, metadata={"help": "S3 endpoint URL; null: AWS_ENDPOINT_URL or AWS"})
-    region: str = field(default="us-east-1", metadata={"help": "region the requests are signed for"})
-    part_size_mb: int = field(default=64, metadata={"help": "multipart part size in MiB (at least 5)"})
+    endpoint: str | None = option("upload.endpoint")
+    region: str = option("upload.region")
+    part_size_mb: int = option("upload.part_size_mb")
 
 
 def files_to_upload(cfg: Config, prefix: str) -> list[tuple[Path, str]]:

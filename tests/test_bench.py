@@ -1,4 +1,4 @@
-"""Performance: `make bench` (scripts/bench.py train) runs on the CPU and writes its table; every speed lever of the
+"""Performance: `make bench` (scripts/tools/bench.py train) runs on the CPU and writes its table; every speed lever of the
 train stage reaches SFTConfig or the model loading; padding-free batches keep rows apart."""
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ from pathlib import Path
 
 import pytest
 import train
-import train_speed
-from common import StageError
-from conftest import REPO, SCRIPTS
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.train import setup as train_setup
+from hpc_finetune.train import speed as train_speed
+from hpc_finetune.train.run import PATH_FIELDS
+from support.common import REPO, SCRIPTS
 
 
 def config(tmp_path: Path, **overrides) -> train.Config:
-    return train.Config(**{f: str(tmp_path / f) for f in train.PATH_FIELDS}, **overrides)
+    return train.Config(**{f: str(tmp_path / f) for f in PATH_FIELDS}, **overrides)
 
 
 def args_for(tmp_path: Path, cpu: bool = True, **overrides):
-    return train.sft_config(config(tmp_path, **overrides), tmp_path / "run", cpu=cpu, bf16=False, has_eval=False,
+    return train_setup.sft_config(config(tmp_path, **overrides), tmp_path / "run", cpu=cpu, bf16=False, has_eval=False,
                             resuming=False, mode="full", trust_remote_code=False)
 
 
@@ -31,7 +33,7 @@ def test_bench_train_runs_ours_and_the_baseline_and_writes_json(tmp_path, tiny_m
     shutil.copytree(tiny_model, tmp_path / "models" / "demo")  # what bench.py would build first
     out = tmp_path / "train.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench.py"), "train", "--preset", "demo", "--steps", "2", "--warmup", "1",
+        [sys.executable, str(SCRIPTS / "tools" / "bench.py"), "train", "--preset", "demo", "--steps", "2", "--warmup", "1",
          "--max-seq-length", "64", "--work", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
@@ -121,10 +123,10 @@ def test_attention_choice_reaches_the_loaded_model(tiny_model, tmp_path, attn):
 
     cfg = config(tmp_path, attn_implementation=attn, quantization="none", max_steps=1, lora_r=2,
                  target_modules=["q_proj"])
-    args = train.sft_config(cfg, tmp_path / "run", cpu=True, bf16=False, has_eval=False, resuming=False,
+    args = train_setup.sft_config(cfg, tmp_path / "run", cpu=True, bf16=False, has_eval=False, resuming=False,
                             mode="full", trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    trainer = train.build_trainer(cfg, str(tiny_model), args, tok, Dataset.from_list([{"text": "a b c"}] * 2), None, [])
+    trainer = train_setup.build_trainer(cfg, str(tiny_model), args, tok, Dataset.from_list([{"text": "a b c"}] * 2), None, [])
     assert trainer.model.config._attn_implementation == attn
 
 
@@ -148,7 +150,7 @@ def test_padding_free_batches_keep_rows_apart(tiny_model):
 
 
 def test_overrides_are_typed_like_the_stage_command_line():
-    import bench
+    from hpc_finetune.bench.train import overrides
 
-    assert bench.overrides(["packing=false", "dataloader_num_workers=2", "attn_implementation=eager"]) == {
+    assert overrides(["packing=false", "dataloader_num_workers=2", "attn_implementation=eager"]) == {
         "packing": False, "dataloader_num_workers": 2, "attn_implementation": "eager"}

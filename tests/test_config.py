@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from helpers import ConfigError, expand_dotted, load_presets, load_schema, resolve_config
+from hpc_finetune.workflow.config import ConfigError, expand_dotted, load_presets, load_schema, resolve_config
+from support.common import REPO
 
 DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
 

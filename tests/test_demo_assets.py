@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import build_demo_model
-import make_demo_data
 import pytest
-import quantized
-from common import StageError
-from conftest import write_input
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.train import quantized
+from support.common import write_input
+from tools import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo" / "medical_qa.jsonl"

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import demo_rows, make_adapter, write_rows
+from hpc_finetune.evaluate.scoring import token_f1
+from support.common import adapter_inputs, demo_rows, write_rows
 
 METRIC_KEYS = {
     "base_eval_loss",
@@ -35,16 +36,7 @@ def work(tmp_path_factory, tiny_model) -> dict:
     import merge
 
     root = tmp_path_factory.mktemp("evaluate")
-    (root / "model.json").write_text(json.dumps({"path": str(tiny_model)}))
-    work = {
-        "root": root,
-        "base": tiny_model,
-        "model_json": str(root / "model.json"),
-        "adapter": make_adapter(tiny_model, root / "adapter"),
-        "train": write_rows(root / "train.jsonl", demo_rows(0, 4)),
-        "eval": write_rows(root / "eval.jsonl", demo_rows(10, 13)),
-        "merged": root / "merged",
-    }
+    work = adapter_inputs(root, tiny_model, eval_rows=(10, 13), train_rows=(0, 4)) | {"merged": root / "merged"}
     merge.main(
         merge.Config(
             model_json=work["model_json"],
@@ -157,22 +149,21 @@ def test_empty_eval_data_prompt_completion_rows(work):
 
 
 def test_mismatched_merged_flag_is_a_clear_error(work):
-    import evaluate
-    from common import StageError
+    from hpc_finetune.io.cli import StageError
 
     with pytest.raises(StageError, match="is an adapter, not a merged model: pass --merged false"):
         run(work, "wrong", finetuned=str(work["adapter"]), merged=True)
     with pytest.raises(StageError, match="pass --merged true"):
         run(work, "wrong", finetuned=str(work["merged"]), merged=False)
-    assert evaluate.token_f1("Rest, and drink water.", "rest and water") == pytest.approx(2 * 0.75 * 1 / 1.75)
+    assert token_f1("Rest, and drink water.", "rest and water") == pytest.approx(2 * 0.75 * 1 / 1.75)
 
 
 # --- the shared rendering (scripts/rows.py) --------------------------------------------------------------------
 
 
 def test_rows_render_as_training_does(tiny_model):
-    from common import StageError
-    from rows import detect_format, encode, render
+    from hpc_finetune.data.rows import detect_format, encode, render
+    from hpc_finetune.io.cli import StageError
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -201,7 +192,7 @@ def test_rows_render_as_training_does(tiny_model):
 
 def test_rule_arguments_parse():
     import evaluate
-    from common import parse_args
+    from hpc_finetune.io.cli import parse_args
 
     argv = "--num-samples 16 --max-new-tokens 96 --merged false --model-json M --finetuned F --train-data T"
     argv += " --eval-data E --metrics-out X --samples-out S"

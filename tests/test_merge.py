@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import demo_rows, make_adapter, write_rows
+from hpc_finetune.merge.check import default_tolerance, judge
+from hpc_finetune.model.load import resolve_dtype
+from support.common import adapter_inputs, demo_rows, make_adapter, write_rows
 
 # --- helpers ----------------------------------------------------------------------------------------------------
 
@@ -37,17 +39,9 @@ def work(tmp_path_factory, tiny_model) -> dict:
     """Base model record, an adapter, eval data (demo chat rows) and one default (safetensors) merge."""
     import merge
 
-    root = tmp_path_factory.mktemp("merge")
-    (root / "model.json").write_text(json.dumps({"path": str(tiny_model)}))
-    work = {
-        "root": root,
-        "base": tiny_model,
-        "model_json": str(root / "model.json"),
-        "adapter": make_adapter(tiny_model, root / "adapter"),
-        "eval": write_rows(root / "eval.jsonl", demo_rows(0, 3)),
-    }
+    work = adapter_inputs(tmp_path_factory.mktemp("merge"), tiny_model, eval_rows=(0, 3))
     work["report"] = merge.main(config(work, "merged"))
-    work["merged"] = root / "merged"
+    work["merged"] = work["root"] / "merged"
     return work
 
 
@@ -197,7 +191,7 @@ def test_bin_format_writes_pytorch_files_that_reload_equal(work, shard_size):
 
 def test_modules_to_save_is_refused_and_earlier_output_is_kept(work):
     import merge
-    from common import StageError
+    from hpc_finetune.io.cli import StageError
 
     out = work["root"] / "kept"
     shutil.copytree(work["merged"], out)
@@ -214,7 +208,7 @@ def test_modules_to_save_is_refused_and_earlier_output_is_kept(work):
 
 def test_resized_vocabulary_is_refused(work):
     import merge
-    from common import StageError
+    from hpc_finetune.io.cli import StageError
     from transformers import AutoTokenizer
 
     adapter = work["root"] / "adapter-vocab"
@@ -230,7 +224,7 @@ def test_resized_vocabulary_is_refused(work):
 @pytest.mark.parametrize("damage", ["missing-dir", "no-config", "no-weights", "truncated-weights"])
 def test_missing_or_corrupt_adapter_names_the_directory(work, damage):
     import merge
-    from common import StageError
+    from hpc_finetune.io.cli import StageError
 
     adapter = work["root"] / f"adapter-{damage}"
     if damage != "missing-dir":
@@ -250,7 +244,7 @@ def test_missing_or_corrupt_adapter_names_the_directory(work, damage):
 
 def test_logit_difference_above_tolerance_fails_and_writes_nothing(work):
     import merge
-    from common import StageError
+    from hpc_finetune.io.cli import StageError
 
     cfg = config(work, "strict", tolerance=1e-9)
     with pytest.raises(StageError, match=r"largest logit difference .*, tolerance 1e-09 \(float32\)"):
@@ -260,16 +254,15 @@ def test_logit_difference_above_tolerance_fails_and_writes_nothing(work):
 
 
 def test_dtype_auto_is_bfloat16_on_gpu_float32_on_cpu():
-    import merge
     import torch
 
-    assert merge.resolve_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    assert merge.default_tolerance(torch.float32) == 1e-3 and merge.default_tolerance(torch.float16) == 0.1
+    assert resolve_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    assert default_tolerance(torch.float32) == 1e-3 and default_tolerance(torch.float16) == 0.1
 
 
 def test_rule_arguments_parse():
     import merge
-    from common import parse_args
+    from hpc_finetune.io.cli import parse_args
 
     argv = "--merged-save-format safetensors --dtype auto --max-shard-size 5GB --check-samples 4 --tolerance null"
     argv += " --model-json M --adapter-dir A --eval-data E --output-dir O --report-out R"
@@ -294,7 +287,6 @@ def test_bfloat16_merge_is_judged_against_float32(work):
 
 
 def test_16bit_rule_admits_rounding_not_a_wrong_merge():
-    import merge
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -308,12 +300,12 @@ def test_16bit_rule_admits_rounding_not_a_wrong_merge():
         "adapter_effect": 5.0,
     }
 
-    def judge(reloaded):
-        return merge.judge({**result, "merged_logits": reloaded}, reloaded, tolerance=0.1)
+    def judged(reloaded):
+        return judge({**result, "merged_logits": reloaded}, reloaded, tolerance=0.1)
 
-    rounded = judge([exact[0] + noise[1]])  # rounding of the same size: more than 0.1 from unmerged, but fine
+    rounded = judged([exact[0] + noise[1]])  # rounding of the same size: more than 0.1 from unmerged, but fine
     assert rounded["max_abs_logit_diff"] > 0.1 and rounded["passed"]
-    assert not judge([exact[0] + 1.0])["passed"]  # off by far more than rounding explains
-    assert not judge([exact[0] * float("nan")])["passed"]
-    fp32 = merge.judge({**result, "exact_logits": None, "merged_logits": exact}, exact, tolerance=1e-3)
+    assert not judged([exact[0] + 1.0])["passed"]  # off by far more than rounding explains
+    assert not judged([exact[0] * float("nan")])["passed"]
+    fp32 = judge({**result, "exact_logits": None, "merged_logits": exact}, exact, tolerance=1e-3)
     assert not fp32["passed"] and "dtype_error" not in fp32  # float32: the plain rule only

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from common import StageError
-from conftest import make_adapter
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.merge import streaming
+from support.common import make_adapter
 
 
 def peft_merged_state(base_dir: Path, adapter_dir: Path, dtype) -> dict:
@@ -56,22 +57,20 @@ def sharded_bf16_base(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("lora", [{}, {"use_rslora": True}], ids=["lora", "rslora"])
 def test_float32_merge_equals_peft(tiny_model, tmp_path, lora):
-    import merge_streaming
     import torch
 
     adapter = make_adapter(tiny_model, tmp_path / "adapter", **lora)
-    report = merge_streaming.merge(tiny_model, adapter, tmp_path / "out", torch.float32)
+    report = streaming.merge(tiny_model, adapter, tmp_path / "out", torch.float32)
     assert report["merged_weights"] == 14 and report["num_shards"] == 1
     assert_equal_states(streamed_state(tmp_path / "out"), peft_merged_state(tiny_model, adapter, torch.float32))
 
 
 def test_sharded_bfloat16_merge_equals_peft_and_reloads(sharded_bf16_base, tmp_path):
-    import merge_streaming
     import torch
     from transformers import AutoModelForCausalLM
 
     adapter = make_adapter(sharded_bf16_base, tmp_path / "adapter", seed=3)
-    report = merge_streaming.merge(sharded_bf16_base, adapter, tmp_path / "out", torch.bfloat16, "50KB")
+    report = streaming.merge(sharded_bf16_base, adapter, tmp_path / "out", torch.bfloat16, "50KB")
     assert report["num_shards"] > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
     theirs = peft_merged_state(sharded_bf16_base, adapter, torch.bfloat16)
     assert_equal_states(streamed_state(tmp_path / "out"), theirs)
@@ -86,7 +85,6 @@ def test_sharded_bfloat16_merge_equals_peft_and_reloads(sharded_bf16_base, tmp_p
 
 def test_conv1d_fan_in_fan_out_equals_peft(tmp_path):
     """GPT-2 keeps its projections as Conv1D (in, out) weights: the delta is transposed (fan_in_fan_out)."""
-    import merge_streaming
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -102,7 +100,7 @@ def test_conv1d_fan_in_fan_out_equals_peft(tmp_path):
                 param.copy_(torch.randn(param.shape) * 0.05)
     model.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    merge_streaming.merge(base, tmp_path / "adapter", tmp_path / "out", torch.float32)
+    streaming.merge(base, tmp_path / "adapter", tmp_path / "out", torch.float32)
     assert_equal_states(streamed_state(tmp_path / "out"), peft_merged_state(base, tmp_path / "adapter", torch.float32))
 
 
@@ -112,31 +110,29 @@ def test_conv1d_fan_in_fan_out_equals_peft(tmp_path):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
 def test_unsupported_adapters_are_refused(tiny_model, tmp_path, change, message):
-    import merge_streaming
     import torch
 
     adapter = make_adapter(tiny_model, tmp_path / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(StageError, match=message):
-        merge_streaming.merge(tiny_model, adapter, tmp_path / "out", torch.float32)
+        streaming.merge(tiny_model, adapter, tmp_path / "out", torch.float32)
 
 
 def test_auto_streams_sharded_or_large_bases(tiny_model, sharded_bf16_base):
-    import merge_streaming
 
-    assert merge_streaming.choose("auto", tiny_model)[0] is False
-    assert merge_streaming.choose("auto", sharded_bf16_base)[0] is True
-    assert merge_streaming.choose("auto", tiny_model, threshold=1000)[0] is True
-    assert merge_streaming.choose(True, tiny_model)[0] is True
-    assert merge_streaming.choose("false", sharded_bf16_base)[0] is False
-    assert merge_streaming.parse_size("5GB") == 5 * 10**9 and merge_streaming.parse_size("2.5MB") == 2_500_000
+    assert streaming.choose("auto", tiny_model)[0] is False
+    assert streaming.choose("auto", sharded_bf16_base)[0] is True
+    assert streaming.choose("auto", tiny_model, threshold=1000)[0] is True
+    assert streaming.choose(True, tiny_model)[0] is True
+    assert streaming.choose("false", sharded_bf16_base)[0] is False
+    assert streaming.parse_size("5GB") == 5 * 10**9 and streaming.parse_size("2.5MB") == 2_500_000
 
 
 def test_merge_stage_streams_and_checks(tiny_model, tmp_path):
     """The stage with merge.streaming true: the merged model passes the logit check and the report says how."""
     import merge
-    from conftest import demo_rows, write_rows
+    from support.common import demo_rows, write_rows
 
     (tmp_path / "model.json").write_text(json.dumps({"path": str(tiny_model)}))
     adapter = make_adapter(tiny_model, tmp_path / "adapter")

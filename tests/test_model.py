@@ -8,7 +8,7 @@ from pathlib import Path
 
 import prepare_model
 import pytest
-from common import StageError
+from hpc_finetune.io.cli import StageError
 
 
 def record(path, tmp_path, source="local") -> dict:

@@ -1,124 +1,36 @@
 """model.source hub: the git-lfs model cache against real remotes built here (a bare repository on file:// and
 a loopback HTTP hub that requires a token), with real git and git-lfs. Covers the first clone and its reuse
-without network, pins (branch, tag, commit), repair of interrupted or damaged caches, concurrent runs, the
-token never being written anywhere, the errors, and what Snakemake re-runs when the commit moves."""
+without network, pins (branch, tag, commit), repair of interrupted or damaged caches and concurrent runs; the
+token, the errors and what Snakemake re-runs are in test_model_hub_errors.py."""
 
 from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import helpers
-import hub_cache
-import make_lfs_remote
 import prepare_model
 import pytest
-from common import StageError
-from conftest import REPO, SCRIPTS
-from lfs_server import LfsServer
+from hpc_finetune.hub import snapshot as hub_cache
+from support.hub import (
+    SECRET,
+    Hub,
+    config,
+    fetch,
+    git_lfs_fsck,
+    lfs_object,
+    model_root,
+    script_env,
+    stage_command,
+)
+from support.lfs_server import LfsServer
 
-MODEL_ID = "demo/tiny-llama"
-SECRET = "hf_hubTestTokenThatMustNeverBeWritten42"
-
-
-@pytest.fixture(autouse=True)
-def info_logs(caplog):
-    caplog.set_level(logging.INFO, logger="finetune")
-
-
-# --- a hub holding the demo model ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def upload(tiny_model, tmp_path_factory) -> Path:
-    """The demo model's files as a hub repository has them, with weight duplicates that must not be fetched."""
-    directory = tmp_path_factory.mktemp("upload") / "model"
-    shutil.copytree(tiny_model, directory)
-    (directory / "pytorch_model.bin").write_bytes(os.urandom(40_000))
-    (directory / "original").mkdir()
-    (directory / "original" / "consolidated.00.pth").write_bytes(os.urandom(30_000))
-    (directory / "original" / "params.json").write_text('{"dim": 64}\n')
-    return directory
-
-
-class Hub:
-    """A hub directory with the demo model at {root}/demo/tiny-llama (main, tag v1)."""
-
-    def __init__(self, root: Path, upload: Path):
-        self.root, self.upload = root, upload
-        self.remote = root / MODEL_ID
-        self.url = root.as_uri()
-        self.commits = [self.publish(upload, tag="v1")]
-
-    def publish(self, directory: Path, tag: str | None = None) -> str:
-        cfg = make_lfs_remote.Config(model_dir=str(directory), remote=str(self.remote), tag=tag)
-        return make_lfs_remote.main(cfg)["commit"]
-
-    def advance(self, tmp_path: Path) -> str:
-        """A new commit on main: generation_config.json changes, the weights stay."""
-        changed = Path(shutil.copytree(self.upload, tmp_path / f"upload-{len(self.commits)}"))
-        config = json.loads((changed / "generation_config.json").read_text())
-        (changed / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.1 * len(self.commits)}))
-        self.commits.append(self.publish(changed))
-        return self.commits[-1]
-
-
-@pytest.fixture(scope="session")
-def shared_hub(upload, tmp_path_factory) -> Hub:
-    return Hub(tmp_path_factory.mktemp("hub"), upload)
-
-
-@pytest.fixture
-def hub(upload, tmp_path) -> Hub:
-    """A hub of the test's own, for tests that change the remote."""
-    return Hub(tmp_path / "hub", upload)
-
-
-def config(hub_url: str, tmp_path: Path, **options) -> prepare_model.Config:
-    options = {"model_id": MODEL_ID, "model_cache_dir": str(tmp_path / "cache"), "min_free_gb": 0.0} | options
-    return prepare_model.Config(output=str(tmp_path / "model.json"), source="hub", hub_url=hub_url, **options)
-
-
-def fetch(hub: Hub, tmp_path: Path, **options) -> dict:
-    return prepare_model.main(config(hub.url, tmp_path, **options))
-
-
-def model_root(tmp_path: Path) -> Path:
-    return tmp_path / "cache" / MODEL_ID
-
-
-def lfs_object(tmp_path: Path, path: Path) -> Path:
-    oid = hub_cache.parse_pointer(subprocess.run(
-        ["git", "show", f"HEAD:{path.name}"], cwd=path.parent, capture_output=True, check=True
-    ).stdout)[0]
-    return model_root(tmp_path) / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-
-
-def git_lfs_fsck(directory: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "lfs", "fsck", "--objects"], cwd=directory, capture_output=True, text=True)
-
-
-def script_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    return env | {"PYTHONPATH": str(SCRIPTS)} | extra
-
-
-def stage_command(cfg: prepare_model.Config) -> list[str]:
-    """The stage as the workflow runs it: a process of its own with `--name value` arguments."""
-    args = [str(SCRIPTS / "prepare_model.py")]
-    for name, value in vars(cfg).items():
-        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        args += [f"--{name.replace('_', '-')}", text]
-    return [sys.executable, *args]
+pytestmark = pytest.mark.usefixtures("info_logs")  # the stage's log lines, for the assertions on them
 
 
 # --- first clone, reuse, pins ----------------------------------------------------------------------------------
@@ -300,184 +212,3 @@ def test_concurrent_runs_wait_for_each_other(shared_hub, tmp_path):
     assert sum("cloning" in log for log in logs) == 1, logs  # one run fetched, the other reused its work
     records = [json.loads((out / "model.json").read_text()) for out in outputs]
     assert records[0] == records[1] and git_lfs_fsck(Path(records[0]["path"])).returncode == 0
-
-
-# --- the token ---------------------------------------------------------------------------------------------------
-
-
-def command_lines() -> list[bytes]:
-    lines = []
-    for proc in Path("/proc").iterdir():
-        try:
-            lines.append((proc / "cmdline").read_bytes())
-        except OSError:
-            pass
-    return lines
-
-
-def files_containing(root: Path, secret: bytes) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and secret in p.read_bytes()]
-
-
-def test_the_token_reaches_the_hub_and_nothing_else(hub, tmp_path):
-    """HF_TOKEN is sent as a header to a hub that refuses requests without it, and appears in no process
-    argument, no file of the cache or the outputs, and no log."""
-    with LfsServer(hub.root, SECRET) as server:
-        cfg = config(server.url, tmp_path)
-        proc = subprocess.Popen(stage_command(cfg), env=script_env(HF_TOKEN=SECRET),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        seen_in_argv = False
-        while proc.poll() is None:
-            seen_in_argv |= any(SECRET.encode() in line for line in command_lines())
-            time.sleep(0.005)
-        log = proc.communicate()[0]
-        assert proc.returncode == 0, log.decode()
-        # The same through a token file (and an update, so that the hub is asked again).
-        (tmp_path / "token").write_text(SECRET + "\n")
-        file_cfg = config(server.url, tmp_path, token_file=str(tmp_path / "token"), update=True)
-        file_log = subprocess.run(stage_command(file_cfg), env=script_env(), capture_output=True)
-        assert file_log.returncode == 0, file_log.stderr.decode()
-    assert not seen_in_argv
-    paths = {path for _, path, _ in server.requests}
-    assert any("info/refs" in p for p in paths) and any("/info/lfs/objects/batch" in p for p in paths)
-    assert any(p.startswith("/lfs-objects/") for p in paths)
-    assert all(ok for _, _, ok in server.requests)  # git, the LFS API and the downloads all got the header
-    assert SECRET.encode() not in log + file_log.stdout + file_log.stderr
-    assert files_containing(tmp_path / "cache", SECRET.encode()) == []
-    assert SECRET not in (tmp_path / "model.json").read_text()
-    snapshot = model_root(tmp_path) / "snapshots" / hub.commits[0]
-    assert server.url in (snapshot / ".git" / "config").read_text()  # the remote, without any credential
-
-
-def test_gated_model_without_or_with_a_wrong_token(hub, tmp_path, monkeypatch):
-    with LfsServer(hub.root, SECRET) as server:
-        with pytest.raises(StageError) as err:
-            prepare_model.main(config(server.url, tmp_path))
-        monkeypatch.setenv("HF_TOKEN", "hf_wrongToken")
-        with pytest.raises(StageError) as wrong:
-            prepare_model.main(config(server.url, tmp_path))
-    for message in (str(err.value), str(wrong.value)):
-        assert MODEL_ID in message and "gated" in message and "HF_TOKEN" in message and "model.token_file" in message
-    assert "no token is set" in str(err.value) and "hf_wrongToken" not in str(wrong.value)
-
-
-# --- clear errors ------------------------------------------------------------------------------------------------
-
-
-def expect_error(cfg: prepare_model.Config, *parts: str) -> str:
-    with pytest.raises(StageError) as err:
-        prepare_model.main(cfg)
-    message = str(err.value)
-    for part in parts:
-        assert part in message, message
-    assert not Path(cfg.output).exists()
-    return message
-
-
-def test_missing_model(shared_hub, tmp_path):
-    expect_error(config(shared_hub.url, tmp_path, model_id="demo/no-such-model"), "demo/no-such-model",
-                 "does not exist or refuses access", "model.model_id")
-
-
-def test_unknown_revision(shared_hub, tmp_path):
-    message = expect_error(config(shared_hub.url, tmp_path, revision="no-such-branch"), MODEL_ID,
-                           "'no-such-branch' is not a branch, tag or commit", "set model.revision")
-    assert "branches: main" in message and "tags: v1" in message
-    expect_error(config(shared_hub.url, tmp_path, revision="deadbeef00"), "'deadbeef00' is not a branch")
-    expect_error(config(shared_hub.url, tmp_path, revision="0" * 40), "is not a branch, tag or commit")
-
-
-def test_git_lfs_not_installed(shared_hub, tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "git").symlink_to(shutil.which("git"))
-    monkeypatch.setenv("PATH", str(bin_dir))
-    expect_error(config(shared_hub.url, tmp_path), MODEL_ID, "git-lfs is not installed", "install it")
-
-
-def test_cache_directory_not_writable(shared_hub, tmp_path):
-    (tmp_path / "a-file").write_text("")
-    expect_error(config(shared_hub.url, tmp_path, model_cache_dir=str(tmp_path / "a-file" / "cache")), MODEL_ID,
-                 "is not writable", "model.model_cache_dir")
-
-
-def test_not_enough_disk_space_is_known_before_downloading(shared_hub, tmp_path):
-    message = expect_error(config(shared_hub.url, tmp_path, min_free_gb=1e9), MODEL_ID, "not enough disk space",
-                           "read from the LFS pointers", "model.model_cache_dir")
-    weights = (shared_hub.upload / "model.safetensors").stat().st_size
-    tokenizer = (shared_hub.upload / "tokenizer.json").stat().st_size
-    assert f"needs {hub_cache.human(weights + tokenizer)}" in message
-    assert not list((model_root(tmp_path) / "lfs" / "objects").rglob("*"))
-
-
-def test_a_hub_model_without_tokenizer_is_named(hub, tmp_path):
-    broken = Path(shutil.copytree(hub.upload, tmp_path / "no-tokenizer"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (broken / name).unlink()
-    hub.publish(broken)
-    expect_error(config(hub.url, tmp_path), f"hub model {MODEL_ID}@main", "no tokenizer")
-
-
-def test_bad_token_file(shared_hub, tmp_path):
-    expect_error(config(shared_hub.url, tmp_path, token_file=str(tmp_path / "missing")), "model.token_file",
-                 "cannot be read")
-    (tmp_path / "two").write_text("hf_one hf_two\n")
-    expect_error(config(shared_hub.url, tmp_path, token_file=str(tmp_path / "two")), "write the token alone")
-
-
-@pytest.mark.parametrize(
-    ("model", "expected"),
-    [
-        ({"source": "hub"}, "model.model_id: required"),
-        ({"source": "hub", "model_id": "gpt2"}, "is not a hub id org/name"),
-        ({"source": "hub", "model_id": "../etc"}, "is not a hub id org/name"),
-        ({"source": "hub", "model_id": "a/b", "hub_url": "https://user:hf_x@huggingface.co"}, "holds credentials"),
-        ({"source": "hub", "model_id": "a/b", "hub_url": "ssh://host/x"}, "is not an https://"),
-    ],
-)
-def test_hub_configuration_is_checked_before_any_job(model, expected):
-    with pytest.raises(helpers.ConfigError, match=re.escape(expected)):
-        helpers.resolve_config({"run_name": "hub", "model": model})
-
-
-# --- what Snakemake re-runs --------------------------------------------------------------------------------------
-
-
-def test_snakemake_reruns_later_stages_only_when_the_commit_changes(hub, tmp_path):
-    """The model stage's record changes only with the commit, so the data stage (standing for every stage after
-    it) re-runs only then; an upstream change does nothing until an update is asked for."""
-    workdir = tmp_path / "project"
-    workdir.mkdir()
-    shutil.copytree(REPO / "data", workdir / "data")
-    (workdir / "config.yaml").write_text(
-        "run_name: hub\nmodel:\n  source: hub\n  model_id: demo/tiny-llama\n"
-        f"  hub_url: {hub.url}\n  model_cache_dir: {tmp_path / 'cache'}\n  min_free_gb: 0\n"
-    )
-    target = "results/hub/data/report.json"
-
-    def snakemake(*args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", *args],
-            cwd=workdir, capture_output=True, text=True,
-            env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout + result.stderr
-
-    def planned() -> set[str]:
-        text = snakemake("-n", target)
-        rules = set() if "Nothing to be done" in text else set(re.findall(r"^rule (\w+):", text, re.M))
-        print(rules, re.findall(r"reason: .*", text))  # shown when an assertion fails
-        return rules
-
-    snakemake(target)
-    record = workdir / "results" / "hub" / "model" / "model.json"
-    assert json.loads(record.read_text())["commit"] == hub.commits[0]
-    update = ("--forcerun", "model", "--until", "model", "--config", "model__update=true")
-    snakemake(*update)  # asked for an update, the hub has nothing new: the record is the same
-    assert planned() == set()
-    hub.advance(tmp_path)
-    assert planned() == set()  # upstream moved: nothing to do until asked
-    snakemake(*update)
-    assert json.loads(record.read_text())["commit"] == hub.commits[1]
-    assert planned() == {"prepare_data"}

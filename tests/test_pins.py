@@ -7,7 +7,7 @@ import tomllib
 from importlib import metadata
 
 import yaml
-from conftest import REPO
+from support.common import REPO
 
 
 def pins(path) -> list[str]:

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from common import StageError
-from conftest import demo_rows, make_adapter, write_rows
-from portable import legacy_config, legacy_tokenizer_config, make_portable
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.model.portable import legacy_config, legacy_tokenizer_config, make_portable
+from support.common import demo_rows, make_adapter, write_rows
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import preflight
 import pytest
-from common import StageError
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.train.preflight import check_fit, estimate_memory, model_parameters
 
 LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
@@ -28,7 +29,7 @@ def llama8b_record(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama8b_params(llama8b_record):
-    return preflight.count_parameters(str(llama8b_record.parent), "all-linear")
+    return model_parameters(str(llama8b_record.parent), "all-linear")
 
 
 def run(record: Path, tmp_path: Path, **options) -> dict:
@@ -69,7 +70,7 @@ def test_llama8b_parameter_count_is_exact(llama8b_params):
 
 def estimate(params, **options) -> int:
     cfg = preflight.Config(model_json="-", output="-", **({"max_seq_length": 2048, "micro_batch_size": 1} | options))
-    return preflight.estimate_memory(params, cfg, bf16=True)["total_mb"]
+    return estimate_memory(params, cfg, bf16=True)["total_mb"]
 
 
 def test_estimate_follows_the_settings(llama8b_params):
@@ -87,10 +88,10 @@ def gpu(memory_mb: int) -> dict:
 
 def test_fit_check_passes_and_refuses(llama8b_params):
     cfg = preflight.Config(model_json="-", output="-", max_seq_length=2048, micro_batch_size=1)
-    need = preflight.estimate_memory(llama8b_params, cfg, bf16=True)
-    assert preflight.check_fit(need, [gpu(81_559)], 0.92, cfg) == round(81_559 * 0.92)
+    need = estimate_memory(llama8b_params, cfg, bf16=True)
+    assert check_fit(need, [gpu(81_559)], 0.92, cfg) == round(81_559 * 0.92)
     with pytest.raises(StageError) as err:
-        preflight.check_fit(need, [gpu(81_559), gpu(8_192) | {"index": 1}], 0.92, cfg)
+        check_fit(need, [gpu(81_559), gpu(8_192) | {"index": 1}], 0.92, cfg)
     message = str(err.value)
     assert f"needs about {need['total_mb']} MiB" in message and "GPU 1 (Test GPU) has 8192 MiB" in message
     assert "micro_batch_size (now 1)" in message and "logits_fp32" in message

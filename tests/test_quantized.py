@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import pytest
-import quantized
 import torch
-import train
 from bitsandbytes.functional import (
     _convert_weight_packed_for_cpu,
     dequantize_4bit,
     has_avx512bf16,
     int8_vectorwise_dequant,
 )
-from common import StageError, read_jsonl
-from conftest import DEMO_DATA
-from test_train import make_config
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.io.files import read_jsonl
+from hpc_finetune.train import data as train_data
+from hpc_finetune.train import quantized
+from hpc_finetune.train import setup as train_setup
+from support.common import DEMO_DATA
+from support.train_stage import make_config
 
 CPU_HAS_AVX512_BF16 = has_avx512bf16()
 
@@ -40,17 +42,17 @@ def chats() -> list[dict]:
 
 
 def trainer_for(tiny_model, chats, out, quantization: str = "4bit"):
-    """The train stage's own trainer (train.build_trainer), as train.main builds it, and one training batch."""
+    """The train stage's own trainer (train_setup.build_trainer), as train.main builds it, and one training batch."""
     from transformers import AutoTokenizer
 
     cfg = make_config(tiny_model, out, chats[:16], chats[16:24], quantization=quantization, micro_batch_size=4)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    rows, eval_rows, fmt = train.read_data(cfg)
-    mode = train.loss_mode(fmt, tokenizer, cfg.assistant_only_loss)
-    args = train.sft_config(cfg, out / "run", cpu=True, bf16=False, has_eval=True, resuming=False, mode=mode,
+    rows, eval_rows, fmt = train_data.read_data(cfg.train_data, cfg.eval_data)
+    mode = train_data.loss_mode(fmt, tokenizer, cfg.assistant_only_loss)
+    args = train_setup.sft_config(cfg, out / "run", cpu=True, bf16=False, has_eval=True, resuming=False, mode=mode,
                             trust_remote_code=False)
-    trainer = train.build_trainer(cfg, str(tiny_model), args, tokenizer, train.to_dataset(rows, fmt, mode),
-                                  train.to_dataset(eval_rows, fmt, mode), [])
+    trainer = train_setup.build_trainer(cfg, str(tiny_model), args, tokenizer, train_data.to_dataset(rows, fmt, mode),
+                                  train_data.to_dataset(eval_rows, fmt, mode), [])
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     return trainer, batch
 

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 import train
-import train_control
-from common import StageError, parse_args, read_json, read_jsonl
-from conftest import DEMO_DATA
+from hpc_finetune.data.rows import to_prompt_completion
+from hpc_finetune.io.cli import StageError, parse_args
+from hpc_finetune.io.files import read_json, read_jsonl
+from hpc_finetune.train import control as train_control
+from hpc_finetune.train import data as train_data
+from hpc_finetune.train import fingerprint
+from hpc_finetune.train import setup as train_setup
+from hpc_finetune.train.run import PATH_FIELDS
+from support.common import DEMO_DATA
+from support.train_stage import STEPS, STOP_AT, make_config
 from transformers import TrainerCallback
-
-STEPS, STOP_AT = 8, 3
-FAST = dict(
-    learning_rate=2e-2, lr_scheduler="linear", warmup_ratio=0.0, micro_batch_size=8, gradient_accumulation=1,
-    max_seq_length=256, lora_dropout=0.0, gradient_checkpointing=False, optim="adamw_torch",
-    logging_steps=1, eval_steps=4, save_steps=4,
-)
 
 
 class StepCounter(TrainerCallback):
@@ -76,30 +76,6 @@ def run(cfg: train.Config, *callbacks) -> tuple[dict | StageError, str, int]:
         except StageError as err:
             result = err
     return result, "\n".join(lines), counter.steps
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def make_config(base: Path, out: Path, train_rows: list[dict], eval_rows: list[dict], **overrides) -> train.Config:
-    """Inputs as the earlier stages write them (base model record, data, CPU preflight) and a fast config."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.json").write_text(json.dumps({"path": str(base), "model_id": base.name}))
-    (out / "preflight.json").write_text(json.dumps({"device": "cpu", "bf16": False}))
-    settings = {**FAST, "max_steps": STEPS, **overrides}
-    return train.Config(
-        model_json=str(out / "model.json"),
-        train_data=write_jsonl(out / "train.jsonl", train_rows),
-        eval_data=write_jsonl(out / "eval.jsonl", eval_rows),
-        preflight=str(out / "preflight.json"),
-        output_dir=str(out / "adapters"),
-        metrics_out=str(out / "metrics" / "train.json"),
-        checkpoint_root=settings.pop("checkpoint_root", str(out / "checkpoints")),
-        tensorboard_dir=str(out / "tensorboard"),
-        **settings,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +159,20 @@ def test_changed_setting_does_not_resume(qlora, tiny_model, chats, tmp_path):
     result, log, steps = run(cfg, SignalAt(1))
     assert isinstance(result, StageError) and steps == 1
     assert "starting fresh" in log and "resuming" not in log
-    assert len(list(Path(cfg.checkpoint_root).iterdir())) == 2, "a second fingerprint directory"
+    assert "training.learning_rate 0.02 -> 0.005 changed since the checkpoints in" in log, log
+    assert len([p for p in Path(cfg.checkpoint_root).iterdir() if p.is_dir()]) == 2, "a second fingerprint directory"
+
+
+def test_the_fingerprint_covers_the_training_code(qlora, tmp_path):
+    """The train program's import closure is part of the fingerprint: other code never resumes these checkpoints."""
+    record = json.loads((Path(qlora["metrics"]["checkpoint_dir"]) / "fingerprint.json").read_text())
+    assert "hpc_finetune/train/quantized.py" in record["code_files"] and "train.py" in record["code_files"]
+    changed = record | {"code_sha256": "0" * 64}
+    assert fingerprint.fingerprint(changed) != fingerprint.fingerprint(record) == qlora["metrics"]["fingerprint"]
+    root = tmp_path / "checkpoints"
+    (root / "old").mkdir(parents=True)
+    (root / "old" / "fingerprint.json").write_text(json.dumps(record))
+    assert "the training code (" in fingerprint.why_fresh(root, changed, "new")
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model, chats, tmp_path):
@@ -264,11 +253,11 @@ def test_loss_covers_only_the_reply(template, tiny_model, llama31_model, chats, 
     model = tiny_model if template == "demo" else llama31_model
     cfg = make_config(model, tmp_path, chats[:2], [], quantization="none")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    mode = train.loss_mode("messages", tokenizer, assistant_only=True)
-    args = train.sft_config(cfg, tmp_path / "ckpt", cpu=True, bf16=False, has_eval=False, resuming=False,
+    mode = train_data.loss_mode("messages", tokenizer, assistant_only=True)
+    args = train_setup.sft_config(cfg, tmp_path / "ckpt", cpu=True, bf16=False, has_eval=False, resuming=False,
                             mode=mode, trust_remote_code=False)
-    dataset = train.to_dataset(chats[:2], "messages", mode)
-    example = train.build_trainer(cfg, str(model), args, tokenizer, dataset, None, []).train_dataset[0]
+    dataset = train_data.to_dataset(chats[:2], "messages", mode)
+    example = train_setup.build_trainer(cfg, str(model), args, tokenizer, dataset, None, []).train_dataset[0]
     trained = [token for token, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
     assert mode == ("assistant_only" if template == "demo" else "completion_only")
     assert tokenizer.decode(trained) == chats[0]["messages"][-1]["content"] + "<|eot_id|>"
@@ -282,49 +271,50 @@ def test_to_prompt_completion_keeps_earlier_turns_as_context():
         {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a2"},
     ]
-    assert train.to_prompt_completion(turns) == {"prompt": turns[:4], "completion": turns[4:]}
+    assert to_prompt_completion(turns) == {"prompt": turns[:4], "completion": turns[4:]}
     with pytest.raises(StageError, match="no assistant turn"):
-        train.to_prompt_completion(turns[:2])
+        to_prompt_completion(turns[:2])
 
 
 def test_bad_data_is_a_clear_error(tmp_path, tiny_model, chats):
     cfg = make_config(tiny_model, tmp_path, chats[:2] + [{"text": "x"}], [])
     with pytest.raises(StageError, match="mixed formats"):
-        train.read_data(cfg)
+        train_data.read_data(cfg.train_data, cfg.eval_data)
     cfg = make_config(tiny_model, tmp_path, [], [])
     with pytest.raises(StageError, match="no rows"):
-        train.read_data(cfg)
+        train_data.read_data(cfg.train_data, cfg.eval_data)
     cfg = make_config(tiny_model, tmp_path, chats[:2], [{"text": "x"}])
     with pytest.raises(StageError, match="training data is messages"):
-        train.read_data(cfg)
+        train_data.read_data(cfg.train_data, cfg.eval_data)
 
 
 @pytest.mark.parametrize("preset", ["demo", "llama3-8b-medical"])
 def test_arguments_from_the_rule_parse(preset):
     """What the rule passes (every key of `training:` as --key value) parses into Config unchanged."""
-    import helpers
+    from hpc_finetune.workflow import config as helpers
+    from hpc_finetune.workflow.paths import stage_args
 
     training = helpers.resolve_config({"run_name": "t", "preset": preset})["training"]
-    paths = " ".join(f"--{f.replace('_', '-')} /x/{f}" for f in train.PATH_FIELDS)
-    cfg = parse_args(train.Config, shlex.split(f"{helpers.stage_args(**training)} {paths}"))
+    paths = " ".join(f"--{f.replace('_', '-')} /x/{f}" for f in PATH_FIELDS)
+    cfg = parse_args(train.Config, shlex.split(f"{stage_args(**training)} {paths}"))
     for key, value in training.items():
         assert getattr(cfg, key) == (str(value).lower() if key == "bf16" else value), key
-    assert train.resolve_bf16(cfg.bf16, {"bf16": True}) is (training["bf16"] in ("auto", True))
+    assert train_setup.resolve_bf16(cfg.bf16, {"bf16": True}) is (training["bf16"] in ("auto", True))
 
 
 def test_config_defaults_are_the_schema_defaults():
-    import helpers
+    from hpc_finetune.workflow import config as helpers
 
     schema = helpers.load_schema()["properties"]["training"]["properties"]
-    defaults = train.Config(**{f: "" for f in train.PATH_FIELDS})
+    defaults = train.Config(**{f: "" for f in PATH_FIELDS})
     assert {k: getattr(defaults, k) for k in schema} == {k: v["default"] for k, v in schema.items()}
 
 
 def test_list_null_and_boolean_arguments():
-    paths = [arg for f in train.PATH_FIELDS for arg in (f"--{f.replace('_', '-')}", f"/x/{f}")]
+    paths = [arg for f in PATH_FIELDS for arg in (f"--{f.replace('_', '-')}", f"/x/{f}")]
     cfg = parse_args(train.Config, [*paths, "--target-modules", '["q_proj","v_proj"]', "--bf16", "false",
                                     "--early-stopping-patience", "null", "--packing", "true"])
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.early_stopping_patience is None and cfg.packing is True
-    assert train.resolve_bf16(cfg.bf16, {"bf16": True}) is False
+    assert train_setup.resolve_bf16(cfg.bf16, {"bf16": True}) is False
     with pytest.raises(StageError, match="true, false or auto"):
-        train.resolve_bf16("maybe", {})
+        train_setup.resolve_bf16("maybe", {})

@@ -9,10 +9,11 @@ import os
 from dataclasses import replace
 
 import pytest
-import s3
 import upload
-from common import StageError, sha256_file
-from conftest import moto_auth, s3_key, s3_put
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.io.files import sha256_file
+from hpc_finetune.storage import s3
+from support.s3 import moto_auth, s3_key, s3_put
 
 BUCKET = "models"
 

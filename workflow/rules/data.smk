@@ -1,13 +1,12 @@
 # Data stage: read the dataset in any supported format, normalise, validate, split train/eval, and report.
 
-DATASET = config["dataset"]
-
 
 rule prepare_data:
     input:
         model=out(config, "model", "model.json"),
         data=local_dataset(DATASET["path"]),
         script=script("prepare_data"),
+        code=code_inputs("prepare_data"),
         image=CONTAINER_IMAGE,
     output:
         train=out(config, "data", "train.jsonl"),
@@ -19,8 +18,8 @@ rule prepare_data:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=config["resources"]["cpu_mem_mb"],
-        runtime=config["resources"]["cpu_runtime"],
+        mem_mb=RESOURCES["cpu_mem_mb"],
+        runtime=RESOURCES["cpu_runtime"],
     params:
         args=stage_args(
             **pick(
@@ -37,7 +36,7 @@ rule prepare_data:
             **pick(
                 DATASET, "eval_fraction", "long_rows", "max_dropped_fraction", "seed"
             ),
-            max_seq_length=config["training"]["max_seq_length"],
+            max_seq_length=TRAINING["max_seq_length"],
         ),
     shell:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"

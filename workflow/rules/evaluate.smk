@@ -1,10 +1,6 @@
 # Evaluate stage: held-out loss of the base and the fine-tuned model, and greedy answers compared with the
 # reference answers of training and held-out rows.
 
-from helpers import scaled  # memory and time grow on each retry
-
-EVALUATE = config["evaluate"]
-
 
 rule evaluate:
     input:
@@ -13,6 +9,7 @@ rule evaluate:
         train=out(config, "data", "train.jsonl"),
         eval=out(config, "data", "eval.jsonl"),
         script=script("evaluate"),
+        code=code_inputs("evaluate"),
         image=CONTAINER_IMAGE,
     output:
         metrics=out(config, "metrics", "evaluate.json"),
@@ -25,13 +22,13 @@ rule evaluate:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=scaled(config, config["resources"]["gpu_mem_mb"]),
-        runtime=scaled(config, config["resources"]["gpu_runtime"]),
-        gpu=config["resources"]["gpus"],
+        mem_mb=scaled(config, RESOURCES["gpu_mem_mb"]),
+        runtime=scaled(config, RESOURCES["gpu_runtime"]),
+        gpu=RESOURCES["gpus"],
     params:
         args=stage_args(
             **pick(EVALUATE, "num_samples", "max_new_tokens"),
-            merged=config["merge"]["merge_full_weights"],
+            merged=MERGE["merge_full_weights"],
         ),
     shell:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"

@@ -1,10 +1,6 @@
 # Merge stage: reload the base unquantised, merge the adapter, save full weights, and prove that the merged
 # model's logits match base+adapter.
 
-from helpers import scaled  # memory and time grow on each retry
-
-MERGE = config["merge"]
-
 
 rule merge:
     input:
@@ -12,8 +8,7 @@ rule merge:
         adapters=out(config, "adapters"),
         eval=out(config, "data", "eval.jsonl"),
         script=script("merge"),
-        streaming=script("merge_streaming"),
-        portable=script("portable"),
+        code=code_inputs("merge"),
         image=CONTAINER_IMAGE,
     output:
         merged=directory(out(config, "merged")),
@@ -26,9 +21,9 @@ rule merge:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=scaled(config, config["resources"]["gpu_mem_mb"]),
-        runtime=scaled(config, config["resources"]["gpu_runtime"]),
-        gpu=config["resources"]["gpus"],
+        mem_mb=scaled(config, RESOURCES["gpu_mem_mb"]),
+        runtime=scaled(config, RESOURCES["gpu_runtime"]),
+        gpu=RESOURCES["gpus"],
     params:
         args=stage_args(
             **pick(

@@ -3,7 +3,6 @@
 # scripts/hub_cache.py). `model` is a CPU job of its own so that a profile can send it where the network is
 # (a login or transfer partition) while the GPU stages run on nodes without internet.
 
-MODEL = config["model"]
 # What the base model is: a change re-runs the model stage and every stage after it.
 MODEL_SETTINGS = (
     pick(
@@ -30,8 +29,9 @@ HUB_FETCH = (
 
 rule build_demo_model:
     input:
-        data=local_dataset(config["dataset"]["path"]),
+        data=local_dataset(DATASET["path"]),
         script=script("build_demo_model"),
+        code=code_inputs("build_demo_model"),
         image=CONTAINER_IMAGE,
     output:
         directory(out(config, "model", "demo")),
@@ -41,14 +41,14 @@ rule build_demo_model:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=config["resources"]["cpu_mem_mb"],
-        runtime=config["resources"]["cpu_runtime"],
+        mem_mb=RESOURCES["cpu_mem_mb"],
+        runtime=RESOURCES["cpu_runtime"],
     params:
         # the tokenizer is trained on the dataset's text, read as the data stage reads it
         args=stage_args(
-            data=config["dataset"]["path"],
+            data=DATASET["path"],
             **pick(
-                config["dataset"],
+                DATASET,
                 "format",
                 "text_field",
                 "split",
@@ -64,6 +64,7 @@ rule model:
     input:
         demo=out(config, "model", "demo") if MODEL["source"] == "demo" else [],
         script=script("prepare_model"),
+        code=code_inputs("prepare_model"),
     output:
         out(config, "model", "model.json"),
     log:
@@ -71,8 +72,8 @@ rule model:
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=config["resources"]["cpu_mem_mb"],
-        runtime=config["resources"]["cpu_runtime"],
+        mem_mb=RESOURCES["cpu_mem_mb"],
+        runtime=RESOURCES["cpu_runtime"],
         hub_fetch=HUB_FETCH,
     params:
         args=stage_args(**MODEL_SETTINGS),

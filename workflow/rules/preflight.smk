@@ -1,12 +1,11 @@
 # GPU preflight: report the GPUs, estimate the memory the job needs, and refuse a job that will not fit.
 
-TRAINING = config["training"]
-
 
 rule preflight:
     input:
         model=out(config, "model", "model.json"),
         script=script("preflight"),
+        code=code_inputs("preflight"),
         image=CONTAINER_IMAGE,
     output:
         out(config, "preflight.json"),
@@ -16,9 +15,9 @@ rule preflight:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=config["resources"]["gpu_mem_mb"],
+        mem_mb=RESOURCES["gpu_mem_mb"],
         runtime=10,
-        gpu=config["resources"]["gpus"],
+        gpu=RESOURCES["gpus"],
     params:
         args=stage_args(
             **pick(

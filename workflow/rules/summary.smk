@@ -6,6 +6,7 @@ rule summary:
     input:
         **summary_inputs(config),
         script=script("summary"),
+        code=code_inputs("summary"),
     output:
         manifest=out(config, "manifest.json"),
         env=out(config, "training.env"),
@@ -14,10 +15,13 @@ rule summary:
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=config["resources"]["cpu_mem_mb"],
-        runtime=config["resources"]["cpu_runtime"],
+        mem_mb=RESOURCES["cpu_mem_mb"],
+        runtime=RESOURCES["cpu_runtime"],
+        # the workflow's commit, for the manifest; a resource: a new commit alone re-runs nothing
+        commit=lambda wildcards: project_commit(),
     params:
         config=summary_config(config),
     shell:
         "python {input.script} --config-json {params.config:q}"
-        " --manifest-out {output.manifest} --env-out {output.env} > {log} 2>&1"
+        " --manifest-out {output.manifest} --env-out {output.env} --workflow-commit {resources.commit}"
+        " > {log} 2>&1"

@@ -6,8 +6,6 @@
 # has training checkpoint and stop resources.train_stop_before seconds before the time limit; the next run (or a
 # retry) resumes.
 
-from helpers import scaled, train_placement
-
 
 rule train:
     input:
@@ -16,6 +14,8 @@ rule train:
         eval=out(config, "data", "eval.jsonl"),
         preflight=out(config, "preflight.json"),
         script=script("train"),
+        launcher=script("launch"),
+        code=code_inputs("train", "launch"),
         image=CONTAINER_IMAGE,
     output:
         adapters=directory(out(config, "adapters")),
@@ -26,24 +26,23 @@ rule train:
         out(config, "benchmarks", "train.tsv")
     conda:
         "../envs/finetune.yaml"
-    threads: max(1, config["resources"]["cpus_per_gpu"] * max(1, config["resources"]["gpus"]))
+    threads: max(1, RESOURCES["cpus_per_gpu"] * max(1, RESOURCES["gpus"]))
     resources:
         **train_placement(config),
         in_image=IN_IMAGE,
-        mem_mb=scaled(config, config["resources"]["train_mem_mb"]),
-        runtime=scaled(config, config["resources"]["train_runtime"]),
-        stop_before=config["resources"]["train_stop_before"],
+        mem_mb=scaled(config, RESOURCES["train_mem_mb"]),
+        runtime=scaled(config, RESOURCES["train_runtime"]),
+        stop_before=RESOURCES["train_stop_before"],
     params:
         args=stage_args(**TRAINING),
         launch=stage_args(
-            **pick(config["resources"], "gpus", "nodes"),
-            processes=config["resources"]["processes_per_node"],
+            **pick(RESOURCES, "gpus", "nodes"),
+            processes=RESOURCES["processes_per_node"],
         ),
-        launcher=script("launch"),
         checkpoints=out(config, "checkpoints"),
         tensorboard=out(config, "logs", "tensorboard"),
     shell:
-        "exec python {params.launcher} {params.launch} --in-image={resources.in_image:q}"
+        "exec python {input.launcher} {params.launch} --in-image={resources.in_image:q}"
         " --stop-before {resources.stop_before} --lock {params.checkpoints}/.lock --"
         " {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
         " --eval-data {input.eval} --preflight {input.preflight} --output-dir {output.adapters}"

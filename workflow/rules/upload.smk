@@ -2,14 +2,13 @@
 # (scripts/upload.py; README, "Upload"). Objects already there with the same sha256 are skipped, so a re-run sends
 # only what changed. It runs where Snakemake runs: compute nodes often have no route to the store.
 
-UPLOAD = config["upload"]
-
 
 rule upload:
     input:
         dirs=upload_dirs(config),
         manifest=out(config, "manifest.json"),
         script=script("upload"),
+        code=code_inputs("upload"),
     output:
         record=out(config, "upload.json"),
     log:
@@ -20,8 +19,8 @@ rule upload:
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=config["resources"]["cpu_mem_mb"],
-        runtime=config["resources"]["cpu_runtime"],
+        mem_mb=RESOURCES["cpu_mem_mb"],
+        runtime=RESOURCES["cpu_runtime"],
     params:
         args=stage_args(
             bucket=UPLOAD["bucket"],

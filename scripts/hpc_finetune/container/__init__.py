@@ -1,0 +1,1 @@
+"""The container image: SIF checks and the image sources."""

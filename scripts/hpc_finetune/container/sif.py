@@ -1,0 +1,89 @@
+"""SIF images checked before they are used: the SIF global header (the magic, and that the file holds every byte
+the header promises: a truncated download is refused) and the sha256; a checked image is published at its path
+only then, so a bad one never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from hpc_finetune.io.cli import StageError
+from hpc_finetune.io.files import sha256_file
+
+SIF_MAGIC = b"SIF_MAGIC\0"
+HEADER_SIZE = 128
+
+
+def sif_header(path: str | os.PathLike) -> dict:
+    """Parse and check a SIF global header. Raises StageError for a file that is not a SIF or that is shorter
+    than its header says (a truncated download or copy)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"image {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_SIZE)
+    if len(head) < HEADER_SIZE or head[32:42] != SIF_MAGIC:
+        start = head[:64]
+        hint = ""
+        if start.startswith(b"version https://git-lfs"):
+            hint = " (it is a git-lfs pointer: the LFS object was not fetched)"
+        elif start.startswith((b"<", b"{")):
+            hint = " (it looks like an HTML/JSON error page from a server)"
+        elif head[:4] == b"hsqs":
+            hint = " (it is a bare squashfs, not a SIF: build or convert it with apptainer build)"
+        raise StageError(f"image {path} is not a SIF file: no SIF_MAGIC at byte 32{hint}")
+    version = head[42:45].rstrip(b"\0").decode(errors="replace")
+    desc_free, desc_total, desc_off, desc_len, data_off, data_len = struct.unpack_from("<qqqqqq", head, 80)
+    needed = max(desc_off + desc_len, data_off + data_len)
+    if min(desc_off, desc_len, data_off, data_len) < 0 or desc_total < 1:
+        raise StageError(f"image {path} has a corrupt SIF header (negative or empty extents)")
+    if size < needed:
+        raise StageError(
+            f"image {path} is truncated: {size} bytes, but its SIF header describes {needed} bytes; "
+            "fetch or copy it again"
+        )
+    return {
+        "sif_version": version,
+        "size": size,
+        "descriptors": desc_total - desc_free,
+        "data_offset": data_off,
+        "data_size": data_len,
+    }
+
+
+def normalise_digest(digest: str | None, what: str) -> str | None:
+    if digest is None:
+        return None
+    digest = digest.strip().lower().removeprefix("sha256:")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise StageError(f"{what}: {digest!r} is not a sha256 digest (64 hex digits, optionally 'sha256:...')")
+    return digest
+
+
+def verify(path: str | os.PathLike, sha256: str | None, what: str) -> dict:
+    """Header first (cheap, and a clearer message for a truncated file), then the digest."""
+    info = sif_header(path)
+    actual = sha256_file(path)
+    if sha256 is not None and actual != sha256:
+        raise StageError(
+            f"image {path} ({what}) has sha256 {actual}, expected {sha256}: the file is corrupt or is not the "
+            "image that was pinned; fetch it again, or update container.sha256 if the image was meant to change"
+        )
+    return {**info, "sha256": actual, "sha256_checked": sha256 is not None}
+
+
+def publish(tmp: Path, output: Path, sha256: str | None, what: str) -> dict:
+    """Verify the image fetched into `tmp` and only then put it at `output`; a bad image is deleted and the
+    earlier one stays."""
+    try:
+        info = verify(tmp, sha256, what)
+    except StageError:
+        tmp.unlink(missing_ok=True)
+        raise
+    output.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, output)
+    return info

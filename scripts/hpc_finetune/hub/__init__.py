@@ -1,0 +1,1 @@
+"""The shared git-lfs cache of hub models: pinned, checked, repaired, locked, never holding the token."""

@@ -1,0 +1,1 @@
+"""Command line, logging, files and measurements every stage program shares; the config schema's defaults."""

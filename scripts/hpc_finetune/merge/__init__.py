@@ -1,0 +1,1 @@
+"""Merging the adapter into full weights (in memory or streaming) and proving the merge by its logits."""

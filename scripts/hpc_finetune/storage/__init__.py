@@ -1,0 +1,1 @@
+"""Object storage: the S3-protocol client."""

@@ -1,0 +1,1 @@
+"""The run's manifest and training.env."""

@@ -1,0 +1,209 @@
+"""The workflow's configuration: schema defaults < hyperparameter preset < model preset < config.yaml and
+--config, validated against workflow/schemas/config.schema.yaml with errors that name the key, suggest the
+closest one and list the allowed values. Kept free of Snakemake imports, so that the tests exercise it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import yaml
+
+from hpc_finetune.io.schema import SCHEMA_PATH, schema
+
+PRESETS_DIR = SCHEMA_PATH.parent.parent / "presets"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and what is allowed."""
+
+
+def load_yaml(path: Path) -> Any:
+    with open(path) as fh:  # libyaml's loader: on every Snakemake start, a no-op re-run included
+        return yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def load_schema() -> dict:
+    """A copy of the schema (callers fill and change it)."""
+    return copy.deepcopy(schema())
+
+
+def load_presets(kind: str) -> dict[str, dict]:
+    """kind: 'models' or 'hyperparameters'. Returns {name: {description, config}}."""
+    return load_yaml(PRESETS_DIR / f"{kind}.yaml")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A new dict: override's values win; nested dicts are merged, lists and scalars replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def expand_dotted(cfg: dict) -> dict:
+    """Turn a nested key written flat into nested dicts: `training__learning_rate=0.01` (the form Snakemake's
+    --config accepts) or `training.learning_rate` (in a YAML file)."""
+    out: dict = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+        parts = str(key).replace("__", ".").split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {key}: {part} is a value, not a section")
+            node = child
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = deep_merge(node[last], value)
+        else:
+            node[last] = value
+    return out
+
+
+def _schema_at(schema: dict, path: list) -> dict:
+    node = schema
+    for part in path:
+        node = node.get("properties", {}).get(part, {})
+    return node
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
+    path = [str(p) for p in error.absolute_path]
+    key = ".".join(path) or "(top level)"
+    if error.validator == "additionalProperties":
+        known = sorted(_schema_at(schema, path).get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        hints = []
+        for name in extra:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        where = f"under {key}" if path else "at the top level"
+        return f"config: unknown key {', '.join(hints)} {where}; allowed keys: {', '.join(known)}"
+    if error.validator == "enum":
+        allowed = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in error.validator_value)
+        close = difflib.get_close_matches(str(error.instance), [str(v) for v in error.validator_value], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close and len(error.validator_value) > 8 else ""  # long lists
+        return f"config key {key}: {error.instance!r} is not allowed{hint}; allowed values: {allowed}"
+    if error.validator == "pattern" and "format_hint" in error.schema:
+        return f"config key {key}: {error.instance!r} is not {error.schema['format_hint']}"
+    if error.validator == "oneOf":
+        options = []
+        for sub in error.validator_value:
+            options.append(", ".join(map(str, sub["enum"])) if "enum" in sub else f"a list of {sub['items']['type']}s")
+        return f"config key {key}: {error.instance!r} is not allowed; use one of: {' | '.join(options)}"
+    return f"config key {key}: {error.message}"
+
+
+_SCALARS = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def coerce_strings(node: Any, schema: dict) -> Any:
+    """Snakemake hands nested --config values over as strings ('0.01', 'true'); turn them into the type the
+    schema asks for, so that `--config training='{learning_rate: 0.01}'` works like config.yaml."""
+    if isinstance(node, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_strings(v, props.get(k, {})) for k, v in node.items()}
+    types_ = schema.get("type", [])
+    types_ = [types_] if isinstance(types_, str) else types_
+    if isinstance(node, str) and "string" not in types_ and types_:
+        parsed = yaml.safe_load(node) if node.strip() else node
+        if any(isinstance(parsed, _SCALARS[t]) for t in types_ if t in _SCALARS):
+            if not (isinstance(parsed, bool) and "boolean" not in types_):
+                return parsed
+    if isinstance(node, str) and "enum" in schema and node in ("true", "false"):
+        return node == "true"
+    return node
+
+
+def _fill_defaults(node: dict, schema: dict) -> None:
+    for name, sub in schema.get("properties", {}).items():
+        if name not in node and "default" in sub:
+            node[name] = copy.deepcopy(sub["default"])
+        if isinstance(node.get(name), dict) and sub.get("type") == "object":
+            _fill_defaults(node[name], sub)
+
+
+def validate(cfg: dict, schema: dict | None = None) -> dict:
+    """Validate against the schema and fill defaults in place. Raises ConfigError naming every bad key."""
+    schema = schema or load_schema()
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("\n".join(_describe(e, schema) for e in errors))
+    _fill_defaults(cfg, schema)
+    return cfg
+
+
+def _preset(kind: str, key: str, name: Any) -> dict:
+    presets = load_presets(kind)
+    if name not in presets:
+        allowed = ", ".join(presets)
+        raise ConfigError(f"config key {key}: {name!r} is not a known preset; allowed values: {allowed}")
+    return presets[name].get("config") or {}
+
+
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_hub_model(model: dict) -> None:
+    """model.source hub: the id keys the cache (org/name), the URL is one git can clone and holds no secret."""
+    if not model.get("model_id"):
+        raise ConfigError("config key model.model_id: required when model.source is hub (e.g. meta-llama/Llama-3.1-8B)")
+    if not HUB_MODEL_ID.fullmatch(model["model_id"]):
+        raise ConfigError(
+            f"config key model.model_id: {model['model_id']!r} is not a hub id org/name "
+            "(e.g. meta-llama/Llama-3.1-8B-Instruct); use the full id shown on the model's hub page"
+        )
+    url = urlsplit(model["hub_url"])
+    if url.scheme not in ("https", "http", "file"):
+        raise ConfigError(f"config key model.hub_url: {model['hub_url']!r} is not an https://, http:// or file:// URL")
+    if url.username or url.password:
+        raise ConfigError(
+            "config key model.hub_url: holds credentials; remove them and give the token through HF_TOKEN or "
+            "model.token_file"
+        )
+
+
+def check_consistency(cfg: dict) -> None:
+    """Rules that span several keys, which the schema cannot say clearly."""
+    model = cfg["model"]
+    if model["source"] == "local" and not model.get("path"):
+        raise ConfigError("config key model.path: required when model.source is local (a directory with config.json)")
+    if model["source"] == "hub":
+        check_hub_model(model)
+    train = cfg["training"]
+    if train["lora_alpha"] <= 0 or train["lora_r"] <= 0:
+        raise ConfigError("config keys training.lora_r and training.lora_alpha must be positive")
+    if cfg["dataset"]["eval_fraction"] == 0 and train["early_stopping_patience"]:
+        raise ConfigError(
+            "config key training.early_stopping_patience needs held-out data: set dataset.eval_fraction above 0"
+        )
+
+
+def resolve_config(user_config: dict) -> dict:
+    """schema defaults < hyperparameter preset < model preset < user config (config.yaml and --config)."""
+    schema = load_schema()
+    user = expand_dotted(user_config or {})
+    model_name = user.get("preset", schema["properties"]["preset"]["default"])
+    hp_name = user.get("hyperparameters", schema["properties"]["hyperparameters"]["default"])
+    resolved = deep_merge(
+        deep_merge(_preset("hyperparameters", "hyperparameters", hp_name),
+                   _preset("models", "preset", model_name)),
+        user,
+    )
+    resolved = coerce_strings(resolved, schema)
+    validate(resolved, schema)
+    check_consistency(resolved)
+    return resolved

@@ -1,0 +1,190 @@
+"""The seam between the stages and the container image: whether the runtime is on, what the image is (its
+identity, which re-runs the container stage) and where it is, the command prefix that runs a stage inside it
+(`apptainer exec --nv --cleanenv --bind ... <sif> `), the secrets handed in through the environment, and the
+workflow's commit for the image's labels. Rules put {IN_IMAGE} (rules/common.smk) before `python`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from hpc_finetune.git import GitError, git
+from hpc_finetune.workflow.config import ConfigError
+
+REPO_DIR = Path(__file__).resolve().parents[3]
+
+SECRETS_TO_IMAGE = ("HF_TOKEN",)  # passed through the environment, never on a command line
+
+
+def container_on(cfg: dict) -> bool:
+    return cfg["container"]["runtime"] != "none"
+
+
+def check_container(cfg: dict) -> None:
+    """Called at parse time when the container is on: a missing runtime or image stops the workflow before any
+    job is submitted, with the fix."""
+    c = cfg["container"]
+    runtime = c["runtime"]
+    if shutil.which(runtime) is None:
+        raise ConfigError(
+            f"config key container.runtime: {runtime!r} is not on PATH on this machine. Load it "
+            f"(`module load {runtime}`) or install it, or set container.runtime=none to run the stages on the host"
+        )
+    source = c["source"]
+    if source == "path":
+        if not c["path"]:
+            raise ConfigError("config key container.path: required when container.source is path (a .sif file)")
+        if not Path(c["path"]).expanduser().is_file():
+            raise ConfigError(
+                f"config key container.path: image {c['path']} does not exist; build or pull it first, or use "
+                "container.source lfs, pull or build (README, Container)"
+            )
+    elif source == "pull" and not c["url"]:
+        raise ConfigError(
+            "config key container.url: required when container.source is pull (oras://, docker://, library://, "
+            "https://, s3:// or file://)"
+        )
+    elif source == "lfs" and not c["lfs"]["url"]:
+        raise ConfigError("config key container.lfs.url: required when container.source is lfs (the git-lfs repository)")
+    elif source == "build" and not Path(container_definition(cfg)).is_file():
+        raise ConfigError(f"config key container.definition: {c['definition']} does not exist")
+
+
+def lfs_pin(cfg: dict) -> str:
+    """What the image from the LFS repository is pinned to: a param of the container rule, so that a change
+    re-runs it. container.lfs.update false: the configured revision (no network). True: the commit the remote's
+    revision names now (git ls-remote), or, when that is the commit the last image came from, the pin recorded
+    then, so that asking for an update re-runs nothing unless the remote moved."""
+    lfs = cfg["container"]["lfs"]
+    if not lfs["update"] or cfg["container"]["source"] != "lfs":
+        return lfs["revision"]
+    record = Path(container_image(cfg) + ".json")
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    try:
+        lines, error = git("-c", "credential.helper=", "ls-remote", lfs["url"], lfs["revision"], timeout=60).split(), ""
+    except GitError as err:
+        lines, error = [], str(err)[-300:]
+    if not lines:
+        # A job on a node without network re-reads this file: keep the pin the image was made with.
+        if previous.get("pin"):
+            return previous["pin"]
+        if re.fullmatch(r"[0-9a-f]{40}", lfs["revision"]):
+            return lfs["revision"]
+        raise ConfigError(
+            f"config key container.lfs.update: cannot read revision {lfs['revision']!r} of {lfs['url']}: "
+            f"{error or 'no such branch or tag'}"
+        )
+    commit = lines[0]
+    if previous.get("commit") == commit and previous.get("pin"):
+        return previous["pin"]
+    return commit
+
+
+def container_identity(cfg: dict) -> dict:
+    """What the image is, per source (the container rule's params: a change re-runs it). Keys of the other
+    sources are left out, so that editing them re-runs nothing."""
+    c = cfg["container"]
+    source = c["source"]
+    what: dict = {"source": source, "sha256": c["sha256"]}
+    if source == "path":
+        what["path"] = c["path"]
+    elif source == "pull":
+        what["url"] = c["url"]
+    elif source == "lfs":
+        lfs = c["lfs"]
+        what.update(lfs_url=lfs["url"], lfs_revision=lfs["revision"], lfs_dir=lfs["dir"], lfs_name=lfs["name"])
+        what["pin"] = lfs_pin(cfg) if container_on(cfg) else lfs["revision"]
+    return what  # build: the def and the requirements are the rule's inputs
+
+
+def container_image(cfg: dict) -> str:
+    """Where the container stage puts the verified image."""
+    return cfg["container"]["image"]
+
+
+def container_scratch(cfg: dict) -> Path:
+    """The scratch directory for the image's caches, absolute; `~` and `$VARS` ($USER, $TMPDIR) expanded."""
+    return Path(os.path.expandvars(cfg["container"]["scratch_dir"])).expanduser().absolute()
+
+
+def container_binds(cfg: dict) -> list[str]:
+    """Host directories the stages read and write, bound at the same path: the project (working directory:
+    config, data, outputs), the workflow's scripts, the outputs, the scratch that holds the caches, the dataset
+    and base model when they live elsewhere, and container.binds."""
+    c = cfg["container"]
+    paths = [Path.cwd(), REPO_DIR, Path(cfg["output_dir"]).absolute(), container_scratch(cfg)]
+    dataset = Path(cfg["dataset"]["path"]).expanduser()
+    if dataset.exists():
+        paths.append((dataset if dataset.is_dir() else dataset.parent).resolve())
+    model = cfg["model"]
+    if model["source"] == "local" and model.get("path"):
+        paths.append(Path(model["path"]).expanduser().resolve())
+    if model["source"] == "hub":
+        paths.append(Path(model["model_cache_dir"]).expanduser().absolute())
+    unique = sorted({str(p) for p in paths})
+    nested = {p for p in unique for q in unique if p != q and p.startswith(q.rstrip("/") + "/")}
+    return [p for p in unique if p not in nested] + list(c["binds"])
+
+
+def container_prefix(cfg: dict) -> str:
+    """The command prefix of a stage that needs the training stack: '' for runtime none, else
+    `<runtime> exec --nv --cleanenv --bind ... --env ... <sif> ` (ending in a space, before `python`). One
+    command, no shell statements, so that `exec {IN_IMAGE}python ...` works.
+
+    --cleanenv keeps the host's environment (its Python, PYTHONPATH, conda) out of the image. The hub token goes
+    in through the environment (container_environment), never on a command line (argv is visible to every user
+    in ps). The caches (HF_HOME, TRITON_CACHE_DIR, XDG_CACHE_HOME) go to the bound scratch: the image is
+    read-only. The scratch directory must exist (rules/common.smk creates it)."""
+    c = cfg["container"]
+    runtime = c["runtime"]
+    if runtime == "none":
+        return ""
+    scratch = container_scratch(cfg)
+    caches = {
+        "HF_HOME": scratch / "cache" / "huggingface",
+        "TRITON_CACHE_DIR": scratch / "cache" / "triton",
+        "XDG_CACHE_HOME": scratch / "cache",
+        "MPLCONFIGDIR": scratch / "cache" / "matplotlib",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONNOUSERSITE": "1",
+    }
+    cmd = [runtime, "exec"]
+    if c["gpu"]:
+        cmd.append("--nv")
+    cmd.append("--cleanenv")
+    for bind in container_binds(cfg):
+        cmd += ["--bind", bind]
+    for name, value in caches.items():
+        cmd += ["--env", f"{name}={value}"]
+    cmd.append(str(Path(container_image(cfg)).absolute()))
+    return shlex.join(cmd) + " "
+
+
+def container_environment(cfg: dict, environ: dict) -> dict[str, str]:
+    """What the workflow adds to its own environment (inherited by every job) when the container is on: the
+    secrets renamed APPTAINERENV_* / SINGULARITYENV_*, which the runtime hands into the image as HF_TOKEN even
+    with --cleanenv. So the token reaches the stage without ever being on a command line."""
+    runtime = cfg["container"]["runtime"]
+    if runtime == "none":
+        return {}
+    env_prefix = "APPTAINERENV_" if runtime == "apptainer" else "SINGULARITYENV_"
+    return {env_prefix + name: environ[name] for name in SECRETS_TO_IMAGE if environ.get(name)}
+
+
+def container_definition(cfg: dict) -> str:
+    """The definition file, absolute: relative paths are relative to the workflow's repository."""
+    definition = Path(cfg["container"]["definition"]).expanduser()
+    return str(definition if definition.is_absolute() else REPO_DIR / definition)
+
+
+def project_commit() -> str:
+    """The workflow's commit, for the image's labels and the manifest; 'unknown' outside a git checkout."""
+    try:
+        return git("-C", str(REPO_DIR), "rev-parse", "HEAD", timeout=10).strip()
+    except GitError:
+        return "unknown"

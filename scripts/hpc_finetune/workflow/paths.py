@@ -1,0 +1,98 @@
+"""Where a run's outputs are, what each rule's program is and which files it depends on, and the command-line
+arguments each stage program receives (shell-quoted; as rule params, a changed value re-runs the rule)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from hpc_finetune import code
+
+SCRIPTS = code.SOURCE_ROOT
+
+
+def run_dir(cfg: dict) -> str:
+    return f"{cfg['output_dir']}/{cfg['run_name']}"
+
+
+def out(cfg: dict, *parts: str) -> str:
+    """Path of one output of the run: {output_dir}/{run_name}/{parts}."""
+    return "/".join([run_dir(cfg), *parts])
+
+
+def script(name: str) -> str:
+    """Absolute path of a stage program."""
+    return str(SCRIPTS / f"{name}.py")
+
+
+@functools.cache
+def code_inputs(*names: str) -> list[str]:
+    """The stage programs `names` and every project module they import (hpc_finetune.code.closure): the code
+    inputs of a rule, so that editing a module re-runs exactly the stages that use it."""
+    return [str(path) for path in code.closure(*(script(name) for name in names))]
+
+
+def _arg_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def stage_args(**options: Any) -> str:
+    """`--name value` arguments for a stage script, shell-quoted. Used as a rule param, so a changed value
+    re-runs the rule (Snakemake's params trigger) and nothing else."""
+    return " ".join(f"--{k.replace('_', '-')} {shlex.quote(_arg_value(v))}" for k, v in options.items())
+
+
+def pick(section: dict, *keys: str) -> dict:
+    return {k: section[k] for k in keys}
+
+
+def local_dataset(path: str) -> list[str]:
+    """The dataset as a rule input when it is on disk (so editing it re-runs the data stage); a hub name is not."""
+    return [path] if Path(path).exists() else []
+
+
+def final_model(cfg: dict) -> str:
+    """What the later stages evaluate: the merged model, or the adapter when merging is off."""
+    return out(cfg, "merged") if cfg["merge"]["merge_full_weights"] else out(cfg, "adapters")
+
+
+def summary_inputs(cfg: dict) -> dict[str, str]:
+    """Every artifact the manifest covers."""
+    inputs = {
+        "model": out(cfg, "model", "model.json"),
+        "data_report": out(cfg, "data", "report.json"),
+        "preflight": out(cfg, "preflight.json"),
+        "adapters": out(cfg, "adapters"),
+        "train_metrics": out(cfg, "metrics", "train.json"),
+    }
+    if cfg["merge"]["merge_full_weights"]:
+        inputs.update(merged=out(cfg, "merged"), merge_report=out(cfg, "metrics", "merge.json"))
+    if cfg["evaluate"]["enabled"]:
+        inputs["evaluate"] = out(cfg, "metrics", "evaluate.json")
+    return inputs
+
+
+def upload_dirs(cfg: dict) -> list[str]:
+    """The directories the upload stage sends (besides the manifest)."""
+    include = set(cfg["upload"]["include"]) - ({"merged"} if not cfg["merge"]["merge_full_weights"] else set())
+    return [out(cfg, name) for name in ("merged", "adapters") if name in include]
+
+
+def final_targets(cfg: dict) -> list[str]:
+    """What `rule all` asks for: the manifest, and the upload record when a bucket is set."""
+    return [out(cfg, "manifest.json"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else [])]
+
+
+def summary_config(cfg: dict) -> str:
+    """The effective config for the summary stage, without where the results are uploaded to: pointing the
+    upload elsewhere must not re-run the summary (whose manifest the upload sends)."""
+    return json.dumps({k: v for k, v in cfg.items() if k != "upload"}, sort_keys=True)

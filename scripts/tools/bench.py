@@ -1,0 +1,91 @@
+r"""Performance benchmarks: our train stage against a plain TRL+PEFT baseline, the streaming merge against peft's
+merge_and_unload, and the workflow's own overhead.
+
+    python scripts/tools/bench.py train [--preset auto] [--steps 12] [--warmup 3] [--out results/bench/train.json]
+    python scripts/tools/bench.py merge [--arch llama-1b] [--out results/bench/merge.json]
+    python scripts/tools/bench.py workflow [--directory .] [--out results/bench/workflow.json]
+
+train: for the architecture of a preset (random weights of the real config: nothing is downloaded), runs N
+optimizer steps of scripts/train.py (our stage, with its speed levers at their defaults) and, in the same
+invocation, of `baseline()` below: a plain TRL SFTTrainer + PEFT LoRA script with the same model, data, micro-batch,
+gradient accumulation, sequence length, quantization, LoRA, learning rate, precision and gradient checkpointing, and
+TRL's defaults for everything else. Each runs in its own process. The first `warmup` steps are not timed. Printed
+and written as JSON: tokens/s (non-padding tokens), step time, peak GPU memory (peak RSS on the CPU), estimated MFU
+(6 * parameters * tokens/s over the device's peak dense bf16 FLOP/s; on the CPU over a measured fp32 matmul rate),
+and our ratio to the baseline. Without a GPU the preset is the demo's tiny model, so it always runs.
+
+merge: builds a random Llama (~1.1B parameters by default, bfloat16, sharded) and a LoRA adapter, then merges it
+in two child processes, peft (load, merge_and_unload, save_pretrained) and the streaming merge; reports
+each one's peak RSS (their own, from wait4) and time, and the largest shard.
+
+workflow: on a completed run, the wall time of a dry-run (`snakemake -n`) and of a no-op re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from hpc_finetune.bench.merge import bench_merge, merge_child
+from hpc_finetune.bench.models import ARCHS
+from hpc_finetune.bench.train import bench_train, child
+from hpc_finetune.bench.workflow import bench_workflow
+from hpc_finetune.io.cli import setup_logging
+
+
+def main(argv: list[str] | None = None) -> Any:
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_child"]:
+        return child(*argv[1:4])
+    if argv[:1] == ["_merge_child"]:
+        return merge_child(*argv[1:6])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="our train stage vs a plain TRL+PEFT baseline")
+    tr.add_argument("--preset", default="auto",
+                    help="demo, small, llama-1b, tinyllama-1.1b, llama3-8b-medical, mistral-7b; auto: 8B on a GPU, "
+                         "demo on the CPU")
+    tr.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    tr.add_argument("--warmup", type=int, default=3, help="first steps not timed")
+    tr.add_argument("--repeats", type=int, default=1,
+                    help="runs of each kind, interleaved; the median counts (use 3+ on a shared machine)")
+    tr.add_argument("--micro-batch-size", type=int)
+    tr.add_argument("--gradient-accumulation", type=int)
+    tr.add_argument("--max-seq-length", type=int)
+    tr.add_argument("--quantization", choices=["4bit", "8bit", "none"])
+    tr.add_argument("--gradient-checkpointing", choices=["true", "false"])
+    tr.add_argument("--threads", type=int, default=1 if not _cuda() else 8, help="torch threads (CPU)")
+    tr.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one of our stage's training keys (e.g. padding_free=false)")
+    tr.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also run ours with these keys changed (a lever measured against the defaults)")
+    tr.add_argument("--work", default="results/bench")
+    tr.add_argument("--out", default="results/bench/train.json")
+    mg = sub.add_parser("merge", help="streaming merge vs peft merge_and_unload (CPU)")
+    mg.add_argument("--arch", default="tinyllama-1.1b", choices=sorted(ARCHS))
+    mg.add_argument("--max-shard-size", default="1GB")
+    mg.add_argument("--methods", nargs="+", default=["peft", "streaming"])
+    mg.add_argument("--work", default="results/bench")
+    mg.add_argument("--out", default="results/bench/merge.json")
+    wf = sub.add_parser("workflow", help="dry-run and no-op re-run time of a completed run")
+    wf.add_argument("--directory", default=".")
+    wf.add_argument("--profile", default="profiles/local")
+    wf.add_argument("--repeats", type=int, default=3)
+    wf.add_argument("--snakemake-args", nargs="*", default=[])
+    wf.add_argument("--out", default="results/bench/workflow.json")
+    args = parser.parse_args(argv)
+    return {"train": bench_train, "merge": bench_merge, "workflow": bench_workflow}[args.command](args)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""The workflow on a real Slurm cluster (tests/slurm_cluster.py: slurmctld + slurmd on this machine, partitions
+`cpu` and `gpu`, two placeholder GPUs), through `snakemake --profile profiles/slurm` as users run it, plus the one
+override a cluster without job accounting needs (`--slurm-status-command squeue`).
+
+One demo run is shared by the tests that read Slurm's records of it; the two-process and the time-limit scenarios
+each start from a copy of that finished project, so that only the jobs they change run again.
+
+Skipped (with the reason) when the cluster cannot be had (not root, no apt); REQUIRE_SLURM=1 (CI) makes that a
+failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import slurm_cluster
+from support.common import REPO, SNAKEMAKE
+from support.workflow import planned_jobs
+
+pytestmark = pytest.mark.e2e
+NO_ACCOUNTING = ["--slurm-status-command", "squeue"]  # the one override: this cluster has no sacct
+# Test speed only: the plugin waits 40 s before its first status check by default.
+QUICK_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3"]
+CPU_STAGES = ("build_demo_model", "model", "prepare_data", "summary")
+GPU_STAGES = ("preflight", "train", "merge", "evaluate")
+# Resources the demo's jobs ask for (resources are not params: changing them re-runs nothing).
+DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resources__train_runtime=20")
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/\d+\.log)\)")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    try:
+        running = slurm_cluster.start()
+    except slurm_cluster.Unavailable as err:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but no Slurm cluster: {err}")
+        pytest.skip(f"no Slurm cluster: {err}")
+    yield running
+    running.stop()
+
+
+@dataclass
+class Run:
+    workdir: Path
+    result: subprocess.CompletedProcess
+    jobs: list[tuple[str, str, Path]]  # (rule, Slurm job id, job log) in submission order
+
+    def job_ids(self, rule: str) -> list[str]:
+        return [job for name, job, _ in self.jobs if name == rule]
+
+    def record(self, rule: str, attempt: int = -1) -> dict[str, str]:
+        ids = self.job_ids(rule)
+        assert ids, f"no {rule} job was submitted: {[name for name, _, _ in self.jobs]}"
+        return slurm_cluster.scontrol_job(ids[attempt])
+
+
+def slurm_command(*args: str, timeout: int = 1500) -> tuple[list[str], dict]:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return ["timeout", "-k", "10", str(timeout), *SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"),
+            *NO_ACCOUNTING, *QUICK_POLLING, *args], env
+
+
+def submitted(text: str) -> list[tuple[str, str, Path]]:
+    return [(m.group(3), m.group(1), Path(m.group(2))) for m in SUBMITTED.finditer(text)]
+
+
+def slurm_snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> Run:
+    cmd, env = slurm_command(*args, timeout=timeout)
+    result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    jobs = submitted(text)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake --profile profiles/slurm {' '.join(args)} failed ({result.returncode}):\n"
+                    f"{text[-8000:]}")
+    return Run(workdir, result, jobs)
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("slurm_logs"))
+    return dst
+
+
+def gpu_request(record: dict[str, str]) -> str:
+    """What the job asked for in GPUs, from its record ('' when nothing)."""
+    fields = (record.get(k, "") for k in ("TresPerJob", "TresPerNode", "TresPerTask", "TRES", "Gres"))
+    return ",".join(f for f in fields if "gpu" in f)
+
+
+def job_log_resources(log: Path) -> str:
+    """The `resources:` line that the job's own Snakemake wrote into the Slurm job log."""
+    return next(line for line in log.read_text().splitlines() if line.strip().startswith("resources:"))
+
+
+def metrics(workdir: Path, name: str) -> dict:
+    return json.loads((workdir / "results" / "demo" / "metrics" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def slurm_demo(cluster, tmp_path_factory) -> Run:
+    """The demo pipeline through profiles/slurm, one GPU for the GPU stages (a placeholder: training runs on the
+    CPU, as preflight decides when torch sees no GPU)."""
+    workdir = tmp_path_factory.mktemp("slurm-project")
+    (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (workdir / "data").symlink_to(REPO / "data")
+    return slurm_snakemake(workdir, "--config", *DEMO_RESOURCES)
+
+
+def test_every_stage_ran_as_a_slurm_job(slurm_demo):
+    assert sorted({rule for rule, _, _ in slurm_demo.jobs}) == sorted(CPU_STAGES + GPU_STAGES)
+    run_dir = slurm_demo.workdir / "results" / "demo"
+    for path in ("manifest.json", "adapters/adapter_model.safetensors", "merged/model.safetensors"):
+        assert (run_dir / path).is_file(), path
+    for rule, job, log in slurm_demo.jobs:
+        record = slurm_cluster.scontrol_job(job)
+        assert record["JobState"] == "COMPLETED" and record["Comment"] == f"rule_{rule}", record
+        assert log.is_file(), f"{rule}: job log {log} missing"
+
+
+def test_train_ran_on_the_gpu_partition_with_a_gpu(slurm_demo):
+    record = slurm_demo.record("train")
+    assert record["Partition"] == "gpu", record
+    assert "gpu:1" in gpu_request(record), record
+    train_log = next(log for rule, _, log in slurm_demo.jobs if rule == "train")
+    assert re.search(r"\bgpu=1\b", job_log_resources(train_log)) and "slurm_partition=gpu" in job_log_resources(
+        train_log)
+    assert record["TimeLimit"] == "00:20:00" and "mem=3000M" in record["TRES"], record  # from config resources
+    log = (slurm_demo.workdir / "results" / "demo" / "logs" / "train.log").read_text()
+    # The process count came from the allocation, which holds one placeholder GPU; torch saw no GPU: CPU training.
+    assert "1 process(es) per node (SLURM_GPUS_ON_NODE)" in log and "CUDA_VISIBLE_DEVICES='0'" in log, log[:2000]
+    train = metrics(slurm_demo.workdir, "train")
+    assert train["device"] == "cpu" and train["world_size"] == 1
+    assert train["adapter_max_abs_change"] > 0 and train["train_loss_last"] < train["train_loss_first"]
+
+
+def test_the_other_gpu_stages_went_to_the_gpu_partition(slurm_demo):
+    for rule in ("preflight", "merge", "evaluate"):
+        record = slurm_demo.record(rule)
+        assert record["Partition"] == "gpu" and "gpu:1" in gpu_request(record), (rule, record)
+
+
+def test_the_cpu_stages_asked_for_no_gpu(slurm_demo):
+    for rule in CPU_STAGES:
+        record = slurm_demo.record(rule)
+        assert record["Partition"] == "cpu", (rule, record)
+        assert gpu_request(record) == "", (rule, record)
+        log = next(log for name, _, log in slurm_demo.jobs if name == rule)
+        assert not re.search(r"\bgpus?=", job_log_resources(log)), (rule, job_log_resources(log))
+
+
+def test_a_hyperparameter_change_plans_only_the_downstream_jobs(slurm_demo):
+    dry = slurm_snakemake(slurm_demo.workdir, "--dry-run", "--config", *DEMO_RESOURCES,
+                          "training__learning_rate=0.005")
+    assert planned_jobs(dry.result) == {"train", "merge", "evaluate", "summary", "all"}
+    again = slurm_snakemake(slurm_demo.workdir, "--dry-run", "--config", *DEMO_RESOURCES)
+    assert "Nothing to be done" in again.result.stdout + again.result.stderr
+
+
+def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
+    """Two GPUs allocated -> two training processes (torchrun, gloo on the CPU) in one job; the adapter they
+    produce merges and reloads like a single-process one. Only the jobs after the change are submitted."""
+    workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
+    run = slurm_snakemake(workdir, "--config", *DEMO_RESOURCES, "resources__gpus=2", "training__max_steps=12",
+                          "training__eval_steps=6", "training__save_steps=6", "evaluate__enabled=false")
+    assert [rule for rule, _, _ in run.jobs] == ["train", "merge", "summary"]
+    record = run.record("train")
+    assert record["Partition"] == "gpu" and "gpu:2" in gpu_request(record), record
+    log = (workdir / "results" / "demo" / "logs" / "train.log").read_text()
+    assert "2 process(es) per node (SLURM_GPUS_ON_NODE)" in log and "torch.distributed.run" in log, log[:3000]
+    train = metrics(workdir, "train")
+    assert train["world_size"] == 2 and train["steps"] == 12 and train["adapter_max_abs_change"] > 0
+    env = dict(line.split("=", 1) for line in (workdir / "results" / "demo" / "training.env").read_text().splitlines()
+               if "=" in line and not line.startswith("#"))
+    micro, accumulation = int(env["TRAINING_MICRO_BATCH_SIZE"]), int(env["TRAINING_GRADIENT_ACCUMULATION"])
+    assert train["effective_batch_size"] == micro * accumulation * 2
+    assert re.search(rf"effective batch\s+{micro * accumulation * 2} = micro batch {micro} x gradient accumulation "
+                     rf"{accumulation} x world size 2", log), log[:3000]
+    merge = metrics(workdir, "merge")
+    assert merge["max_abs_logit_diff"] <= 1e-3, merge
+    assert (workdir / "results" / "demo" / "merged" / "model.safetensors").is_file()
+
+
+def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_demo, tmp_path):
+    """A 2-minute train job that has to stop 60 s before its limit: it saves a checkpoint and fails; the retry
+    (1.5x time and memory) resumes from that checkpoint and does only the steps that were left."""
+    demo_train = metrics(slurm_demo.workdir, "train")
+    steps_per_s = demo_train["steps"] / demo_train["train_seconds"]
+    # About 40 s of training fit before the stop: ask for ~2.5x that, so the first job cannot finish.
+    max_steps = max(60, round(steps_per_s * 40 * 2.5))
+    workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
+    run = slurm_snakemake(workdir, "--retries", "3", "--config", *DEMO_RESOURCES, "resources__train_runtime=2",
+                          "resources__train_stop_before=60", f"training__max_steps={max_steps}",
+                          "training__eval_steps=1000", "training__save_steps=1000")
+    rules = [rule for rule, _, _ in run.jobs]
+    assert rules[-3:] == ["merge", "evaluate", "summary"] and set(rules[:-3]) == {"train"}, rules
+    assert len(run.job_ids("train")) >= 2, "the first train job finished inside its time limit; raise max_steps"
+
+    first = run.record("train", 0)
+    assert first["JobState"] == "FAILED" and first["TimeLimit"] == "00:02:00" and "mem=3000M" in first["TRES"], first
+    output = run.result.stdout + run.result.stderr  # show-failed-logs: the failed attempt's train.log
+    assert re.search(r"stopped by SIGUSR1 at step \d+", output) and "time limit is near" in output, output[-6000:]
+    assert next(log for rule, _, log in run.jobs if rule == "train").is_file()  # the first attempt's job log
+    last = run.record("train")
+    assert last["JobState"] == "COMPLETED", last
+    assert last["TimeLimit"] != "00:02:00" and "mem=3000M" not in last["TRES"], last  # the retry got more
+
+    train = metrics(workdir, "train")
+    resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
+    assert 0 < resumed_at < max_steps and train["steps"] == max_steps
+    redone = max_steps - resumed_at
+    assert redone < max_steps  # a fresh run would have done all max_steps
+    log = (workdir / "results" / "demo" / "logs" / "train.log").read_text()
+    assert f"resuming from checkpoint-{resumed_at}" in log, log[:3000]
+
+
+def test_a_train_job_cancelled_with_scancel_is_resumed_by_the_retry(slurm_demo, tmp_path):
+    """scancel of the running train job (what an admin, a user or preemption does): Slurm sends SIGTERM, the
+    trainer saves a checkpoint at the end of its step and the job ends CANCELLED; Snakemake's retry resumes from
+    that checkpoint (not the last periodic one) and the run completes."""
+    import time
+
+    max_steps, save_steps = 300, 50
+    workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
+    shutil.rmtree(workdir / "results" / "demo" / "checkpoints")
+    train_log = workdir / "results" / "demo" / "logs" / "train.log"
+    output = tmp_path / "snakemake.out"
+    cmd, env = slurm_command("--config", *DEMO_RESOURCES, f"training__max_steps={max_steps}",
+                             f"training__save_steps={save_steps}", f"training__eval_steps={save_steps}",
+                             "training__logging_steps=5")
+    with open(output, "w") as sink:
+        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and controller.poll() is None:
+                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
+                                                    train_log.read_text() if train_log.is_file() else "")]
+                if steps and save_steps < steps[-1] < 2 * save_steps - 10:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"training never got past step {save_steps}:\n{output.read_text()[-4000:]}")
+            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
+            subprocess.run(["scancel", job], check=True)
+            assert controller.wait(900) == 0, output.read_text()[-8000:]
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+    text = output.read_text()
+    jobs = [job for rule, job, _ in submitted(text) if rule == "train"]
+    assert len(jobs) == 2, text[-6000:]
+    assert slurm_cluster.scontrol_job(jobs[0])["JobState"] == "CANCELLED"
+    assert slurm_cluster.scontrol_job(jobs[1])["JobState"] == "COMPLETED"
+    assert re.search(r"SIGTERM received|stopped by SIG(TERM|USR1) at step \d+", text), text[-6000:]
+    train = metrics(workdir, "train")
+    resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
+    assert save_steps < resumed_at < max_steps and train["steps"] == max_steps  # the checkpoint scancel made
+    assert f"resuming from checkpoint-{resumed_at}" in train_log.read_text()
+
+
+# --- the launcher: processes from the allocation, one launcher per node through srun ----------------------------
+
+PROBE = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+out = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_STEP_ID")}
+out["sum"] = total.item()
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as fh:
+    json.dump(out, fh)
+dist.destroy_process_group()
+"""
+
+
+def test_processes_per_node_come_from_the_allocation():
+    import launch
+
+    assert launch.processes_per_node(2, 0, {"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1"}) == (
+        4, "SLURM_GPUS_ON_NODE")
+    assert launch.processes_per_node(2, 0, {"CUDA_VISIBLE_DEVICES": "0,1,2"})[0] == 3
+    assert launch.processes_per_node(2, 0, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"})[0] == 2  # outside Slurm
+    assert launch.processes_per_node(0, 0, {"SLURM_GPUS_ON_NODE": "4"})[0] == 1  # no GPUs asked: one process
+    assert launch.processes_per_node(1, 2, {"SLURM_GPUS_ON_NODE": "1"}) == (2, "resources.processes_per_node")
+
+
+def test_several_nodes_start_one_launcher_per_node_with_rendezvous_on_the_first(monkeypatch):
+    import launch
+
+    monkeypatch.setattr(launch, "first_node", lambda env: "gpu017")
+    cmd = launch.command(["train.py", "--x", "1"], 4, 2, 29500, {"SLURM_JOB_ID": "4242"})
+    assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[-3:] == ["train.py", "--x", "1"]
+    for part in ("--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu017:29500",
+                 "--rdzv-id=4242"):
+        assert part in cmd, (part, cmd)
+    assert launch.command(["train.py"], 2, 1, 29500, {})[-2:] == ["--standalone", "train.py"]
+    assert launch.command(["train.py"], 1, 1, 29500, {}) == [sys.executable, "train.py"]
+
+
+def test_the_container_prefix_goes_after_srun_and_the_image_python_runs_the_trainer(monkeypatch):
+    import launch
+
+    monkeypatch.setattr(launch, "first_node", lambda env: "gpu017")
+    image = ["apptainer", "exec", "--nv", "/images/finetune.sif"]
+    cmd = launch.command(["train.py"], 4, 2, 29500, {"SLURM_JOB_ID": "7"}, image=image)
+    assert cmd[0] == "srun" and cmd[cmd.index("apptainer"):][:4] == image  # srun is on the host, not in the image
+    inner = cmd[cmd.index("/images/finetune.sif") + 1:]
+    assert inner[:4] == ["python", launch.__file__, "--exec-ignoring-stop-signals", "--"]
+    assert inner[4:7] == ["python", "-m", "torch.distributed.run"] and sys.executable not in cmd
+    assert launch.command(["train.py"], 1, 1, 29500, {}, image=image) == [*image, "python", "train.py"]
+    assert launch.command(["train.py"], 2, 1, 29500, {}, image=image)[:7] == [
+        *image, "python", "-m", "torch.distributed.run"]
+
+
+def launcher_job(tmp_path: Path, program: str, mem_mb: int, port: int, stop_before: int):
+    """An sbatch job (2 GPUs, 5 minutes) that runs launch.py's multi-node path (srun) on `program`; returns the
+    sbatch result and the job's log."""
+    (tmp_path / "program.py").write_text(program)
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["sbatch", "--wait", "-p", "gpu", "--gpus=2", "-c", "2", f"--mem={mem_mb}", "-t", "5",
+         "-o", str(tmp_path / "job.log"),
+         "--wrap", f"{sys.executable} {REPO / 'scripts' / 'launch.py'} --gpus 2 --srun --port {port} "
+                   f"--stop-before {stop_before} -- {tmp_path / 'program.py'} {tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
+    return result, log
+
+
+def test_the_srun_launcher_path_rendezvous_in_a_slurm_job(cluster, tmp_path):
+    """What nodes > 1 does (srun, one torchrun per node, c10d rendezvous on the job's first node), on the one node
+    this machine has: two GPUs allocated -> two ranks that find each other and all-reduce."""
+    result, log = launcher_job(tmp_path, PROBE, mem_mb=2000, port=29555, stop_before=0)
+    assert result.returncode == 0, result.stderr + log
+    assert "2 process(es) per node (SLURM_GPUS_ON_NODE)" in log and "--rdzv-backend=c10d" in log, log
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["WORLD_SIZE"] for r in ranks] == ["2", "2"] and {r["sum"] for r in ranks} == {3.0}
+    assert all(r["SLURM_STEP_ID"] is not None for r in ranks)  # they ran inside the srun job step
+
+
+def test_retries_scale_memory_and_time_and_several_nodes_ask_for_gpus_per_node():
+    from helpers import resolve_config, scaled, train_placement
+
+    cfg = resolve_config({"run_name": "x", "resources": {"gpus": 4, "train_mem_mb": 1000}})
+    grow = scaled(cfg, cfg["resources"]["train_mem_mb"])
+    assert [grow({}, attempt) for attempt in (1, 2, 3)] == [1000, 1500, 2250]
+    assert train_placement(cfg) == {"gpu": 4}
+    cfg["resources"]["nodes"] = 2
+    assert train_placement(cfg) == {"nodes": 2, "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0, "gres": "gpu:4"}
+
+
+STOPPABLE = """
+import os, signal, sys, time
+def stop(signum, frame):
+    open(os.path.join(sys.argv[1], f"stopped{os.environ['RANK']}"), "w").write(signal.Signals(signum).name)
+    sys.exit(2)
+signal.signal(signal.SIGUSR1, stop)
+time.sleep(120)
+"""
+
+
+def test_the_srun_launcher_path_stops_every_rank_before_the_time_limit(cluster, tmp_path):
+    """Near the time limit the launcher's SIGUSR1 goes through srun to every process of the step: each rank (here
+    a stand-in for the trainer) gets it, torchrun itself ignores it and reports the ranks' exit."""
+    result, log = launcher_job(tmp_path, STOPPABLE, mem_mb=1000, port=29556, stop_before=285)
+    assert result.returncode != 0 and "time limit is near" in log, log
+    assert [(tmp_path / f"stopped{r}").read_text() for r in (0, 1)] == ["SIGUSR1", "SIGUSR1"], log

@@ -1,0 +1,67 @@
+"""What the container tests share: Debian's siftool, a real SIF made with it, the container stage run in-process,
+a git-lfs repository on file:// that holds an image as parts, and the stand-in runtime first on PATH."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import container
+import pytest
+
+from support.common import REPO
+
+SIFTOOL = shutil.which("siftool")
+NEEDS_SIFTOOL = pytest.mark.skipif(SIFTOOL is None, reason="needs Debian's siftool (apt-get install siftool)")
+SECRET = "hf_containerTestTokenNeverInArgv0123456"
+DEF = REPO / "singularity" / "finetune.def"
+
+
+def pins(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def sections(text: str) -> dict[str, str]:
+    """The def file's %sections by name; the header (Bootstrap/From) under ''."""
+    parts = re.split(r"^%(\w+)[^\n]*\n", text, flags=re.M)
+    return {"": parts[0], **{parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}}
+
+
+def stage(tmp_path: Path, **options) -> dict:
+    cfg = container.Config(output=str(tmp_path / "img" / "finetune.sif"),
+                           record_out=str(tmp_path / "img" / "finetune.sif.json"), **options)
+    return container.main(cfg)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+class PartsRepo:
+    """A git-lfs repository on file:// that holds the image as parts (published with the project's script),
+    next to an unrelated LFS file that the container stage must not fetch."""
+
+    def __init__(self, root: Path):
+        self.remote = root / "images.git"
+        self.url = f"file://{self.remote}"
+        self.work = root / "work"
+        root.mkdir(parents=True)
+        git(root, "init", "-q", "--bare", str(self.remote))
+        git(root, "clone", "-q", self.url, str(self.work))
+        (self.work / "other").mkdir()
+        (self.work / "other" / "unrelated.bin").write_bytes(os.urandom(40000))
+        git(self.work, "lfs", "install", "--local")
+        git(self.work, "lfs", "track", "other/*.bin")
+        git(self.work, "add", "-A")
+        git(self.work, "commit", "-q", "-m", "unrelated")
+
+    def publish(self, image: Path, tag: str | None = None) -> str:
+        args = [sys.executable, str(REPO / "scripts" / "tools" / "publish_image_lfs.py"), "--image", str(image),
+                "--repo", str(self.work), "--part-size-mb", "0.02", "--push", "true"]
+        subprocess.run(args + (["--tag", tag] if tag else []), check=True, capture_output=True, text=True)
+        return git(self.work, "rev-parse", "HEAD")

@@ -1,0 +1,41 @@
+"""Running the workflow as a user does (snakemake with one of the repository's profiles, in a project directory)
+and reading what a dry run plans."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.common import REPO, SNAKEMAKE
+
+
+def workflow_command(*args: str, profile: str = "local", env: dict | None = None,
+                     path: str | None = None) -> tuple[list[str], dict]:
+    """The snakemake command line with one of the repository's profiles, and its environment: this environment's
+    tools first on PATH (or `path`), `env` added."""
+    environ = os.environ | {"PATH": path or f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
+    return [*SNAKEMAKE, "--profile", str(REPO / "profiles" / profile), "--cores", "2", *args], environ
+
+
+def run_workflow(workdir: Path, *args: str, profile: str = "local", env: dict | None = None,
+                 path: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """snakemake (workflow_command) in `workdir`; a failure fails the test unless check is false."""
+    cmd, environ = workflow_command(*args, profile=profile, env=env, path=path)
+    result = subprocess.run(cmd, cwd=workdir, env=environ, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    """Rule names from the 'Job stats' table of a dry run; empty when there is nothing to do."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return set()
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}

@@ -1,0 +1,85 @@
+# Included first by the Snakefile: the resolved config, the names every rule file uses, and the helpers
+# (hpc_finetune.workflow: config, paths, slurm, container). A rule file uses only what is defined here and in
+# itself, so the include order of the others does not matter.
+
+import os
+import sys
+
+try:
+    from hpc_finetune.workflow.config import ConfigError, resolve_config
+except ModuleNotFoundError as err:
+    sys.exit(
+        f"The workflow's library is not importable ({err}). Install the project into the environment that runs "
+        f"Snakemake: `make env` in {workflow.basedir}, or `pip install -e {workflow.basedir}`."
+    )
+from hpc_finetune.workflow.container import (
+    check_container,
+    container_definition,
+    container_environment,
+    container_identity,
+    container_image,
+    container_on,
+    container_prefix,
+    container_scratch,
+    project_commit,
+)
+from hpc_finetune.workflow.paths import (
+    code_inputs,
+    final_model,
+    final_targets,
+    local_dataset,
+    out,
+    pick,
+    script,
+    stage_args,
+    summary_config,
+    summary_inputs,
+    upload_dirs,
+)
+from hpc_finetune.workflow.slurm import scaled, train_placement
+
+try:
+    _resolved = resolve_config(config)
+except ConfigError as err:
+    sys.exit(f"Invalid configuration (fix config.yaml or --config):\n{err}")
+config.clear()
+config.update(_resolved)
+
+MODEL = config["model"]
+DATASET = config["dataset"]
+TRAINING = config["training"]
+MERGE = config["merge"]
+EVALUATE = config["evaluate"]
+UPLOAD = config["upload"]
+CONTAINER = config["container"]
+RESOURCES = config["resources"]
+
+# Container (README, "Container"). At parse time on purpose: a missing runtime or image must stop the workflow
+# before anything is submitted, the scratch directory must exist before the first `--bind` of it, and the
+# secrets reach every job only through the environment Snakemake hands down (never a command line).
+if container_on(config):
+    try:
+        check_container(config)
+    except ConfigError as err:
+        sys.exit(f"Container not usable (fix it before anything is submitted):\n{err}")
+    (container_scratch(config) / "cache").mkdir(parents=True, exist_ok=True)
+    os.environ.update(container_environment(config, os.environ))
+
+# The seam, used by every rule that runs the stack (build_demo_model, prepare_data, preflight, train, merge,
+# evaluate): `resources: in_image=IN_IMAGE` and a shell command that starts with {resources.in_image}
+# (`apptainer exec --nv --cleanenv --bind ... <sif> `, or nothing), and the image as an input (CONTAINER_IMAGE, or
+# none). A resource, not a param: Snakemake does not compare resources between runs, so moving the project
+# (absolute bind paths) or switching the runtime re-runs nothing by itself; what a new image re-runs is decided by
+# container.retrain_on_new_image. The model fetch and the summary run on the host.
+IN_IMAGE = container_prefix(config)
+# retrain_on_new_image false: `ancient` keeps the dependency (the image is made first) but a newer image
+# re-runs nothing.
+CONTAINER_IMAGE = (
+    []
+    if not container_on(config)
+    else (
+        container_image(config)
+        if CONTAINER["retrain_on_new_image"]
+        else ancient(container_image(config))
+    )
+)
