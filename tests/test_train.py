@@ -167,12 +167,13 @@ def test_the_fingerprint_covers_the_training_code(qlora, tmp_path):
     """The train program's import closure is part of the fingerprint: other code never resumes these checkpoints."""
     record = json.loads((Path(qlora["metrics"]["checkpoint_dir"]) / "fingerprint.json").read_text())
     assert "hpc_finetune/train/quantized.py" in record["code_files"] and "train.py" in record["code_files"]
-    changed = record | {"code_sha256": "0" * 64}
+    changed = record | {"code_sha256": "0" * 64,
+                        "code_files": record["code_files"] | {"hpc_finetune/train/quantized.py": "0" * 16}}
     assert fingerprint.fingerprint(changed) != fingerprint.fingerprint(record) == qlora["metrics"]["fingerprint"]
     root = tmp_path / "checkpoints"
     (root / "old").mkdir(parents=True)
     (root / "old" / "fingerprint.json").write_text(json.dumps(record))
-    assert "the training code (" in fingerprint.why_fresh(root, changed, "new")
+    assert "the training code (hpc_finetune/train/quantized.py) changed" in fingerprint.why_fresh(root, changed, "new")
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model, chats, tmp_path):

@@ -7,34 +7,43 @@ resumes or reuses a checkpoint of the old code.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 PACKAGE = "hpc_finetune"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # scripts/: the package and the stage programs
 
 
+# `from hpc_finetune.x import (a, b)` or `import hpc_finetune.x`, at any indentation (imports inside functions
+# count). A plain scan, not ast: it runs for every rule at every Snakemake start, and a mention in a docstring
+# only adds a file.
+_FROM = re.compile(rf"^[ \t]*from[ \t]+({PACKAGE}(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]*)", re.M)
+_IMPORT = re.compile(rf"^[ \t]*import[ \t]+({PACKAGE}(?:\.\w+)*)", re.M)
+
+
 @functools.cache
 def _imports(path: Path) -> tuple[str, ...]:
-    """Dotted names a file imports: `import a.b` gives a.b; `from a.b import c` gives a.b and a.b.c (c may be a
-    module or a name in a.b)."""
-    names = []
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.append(node.module)
-            names += [f"{node.module}.{alias.name}" for alias in node.names]
+    """Dotted names of the project modules a file imports: `import a.b` gives a.b; `from a.b import c` gives a.b
+    and a.b.c (c may be a module or a name in a.b)."""
+    text = path.read_text()
+    names = [m.group(1) for m in _IMPORT.finditer(text)]
+    for match in _FROM.finditer(text):
+        module, imported = match.groups()
+        names.append(module)
+        for alias in imported.strip("() \t").replace("\n", " ").split(","):
+            if alias.split():
+                names.append(f"{module}.{alias.split()[0]}")
     return tuple(names)
 
 
-def _files(name: str, root: Path) -> list[Path]:
+@functools.cache
+def _files(name: str, root: Path) -> tuple[Path, ...]:
     """The files that importing `name` runs: each package's __init__.py on the way and the module itself."""
     parts = name.split(".")
     if parts[0] != PACKAGE:
-        return []
+        return ()
     found = []
     for depth in range(1, len(parts) + 1):
         base = root.joinpath(*parts[:depth])
@@ -45,7 +54,7 @@ def _files(name: str, root: Path) -> list[Path]:
             break
         else:
             break
-    return found
+    return tuple(found)
 
 
 def closure(*programs: str | Path, root: Path = SOURCE_ROOT) -> list[Path]:

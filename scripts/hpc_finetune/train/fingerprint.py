@@ -30,7 +30,8 @@ def parts(settings: dict, train_data: str, eval_data: str, model_record: dict, d
         "bf16": bf16,
         "world_size": world_size,
         "code_sha256": code.digest(program),
-        "code_files": [str(p.relative_to(code.SOURCE_ROOT)) for p in code.closure(program)],
+        "code_files": {str(p.relative_to(code.SOURCE_ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                       for p in code.closure(program)},
     }
 
 
@@ -62,7 +63,10 @@ def why_fresh(checkpoint_root: Path, covered: dict, current: str) -> str | None:
             old = before.get(key) or {}
             changed += [f"training.{k} {old.get(k)!r} -> {v!r}" for k, v in value.items() if old.get(k) != v]
         elif key == "code_sha256":
-            changed.append("the training code (" + ", ".join(covered["code_files"][:3]) + ", ...)")
+            old, new = before.get("code_files") or {}, covered["code_files"]
+            files = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+            changed.append(f"the training code ({', '.join(files[:4]) or 'its files'}"
+                           f"{f' and {len(files) - 4} more' if len(files) > 4 else ''})")
         else:
             changed.append(key.removesuffix("_sha256").replace("_", " "))
     where = records[-1].parent
