@@ -133,3 +133,19 @@ def test_the_shard_size_pattern_accepts_what_save_pretrained_reads(size, accepte
     assert bool(re.search(pattern, size)) == accepted
     if accepted:
         assert parse_size_to_int(size) > 0
+
+
+def test_a_workflow_whose_library_is_not_the_one_installed_stops_with_the_fix(tmp_path: Path):
+    """A second checkout run with an environment that has the first one installed: its rules' code inputs and
+    stages would be the other checkout's, so the workflow refuses to start and says how to install this one."""
+    import shutil
+
+    copy = tmp_path / "checkout"
+    shutil.copytree(REPO / "workflow", copy / "workflow")
+    shutil.copy(REPO / "Snakefile", copy / "Snakefile")
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(copy / "Snakefile"), "--cores", "1", "-n"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"is not the one of this workflow ({copy}/scripts)" in result.stderr
+    assert f"`make env` in {copy}" in result.stderr

@@ -5,13 +5,27 @@
 import os
 import sys
 
+from pathlib import Path
+
 try:
-    from hpc_finetune.workflow.config import ConfigError, resolve_config
+    import hpc_finetune
 except ModuleNotFoundError as err:
     sys.exit(
         f"The workflow's library is not importable ({err}). Install the project into the environment that runs "
         f"Snakemake: `make env` in {workflow.basedir}, or `pip install -e {workflow.basedir}`."
     )
+# The library must be this workflow's own: its modules are the rules' code inputs and what the stages run.
+if (
+    not Path(hpc_finetune.__file__)
+    .resolve()
+    .is_relative_to(Path(workflow.basedir).resolve())
+):
+    sys.exit(
+        f"The hpc_finetune importable here ({Path(hpc_finetune.__file__).resolve().parent}) is not the one of this "
+        f"workflow ({workflow.basedir}/scripts): install this checkout into the environment (`make env` in "
+        f"{workflow.basedir}, or `pip install -e {workflow.basedir}`)."
+    )
+from hpc_finetune.workflow.config import ConfigError, resolve_config
 from hpc_finetune.workflow.container import (
     check_container,
     container_definition,
