@@ -12,6 +12,7 @@ import pytest
 from support import container_standin
 from support.common import DEMO_DATA, DEMO_SECRET, REPO
 from support.container import PartsRepo
+from support.cpu_features import simulate_cpu_without_avx512_bf16
 from support.data import Run
 from support.hub import Hub
 from support.s3 import moto_server
@@ -22,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("SIMULATE_NO_AVX512_BF16") == "1":  # the verdicts of a CPU without AVX512-BF16, on this one
+    simulate_cpu_without_avx512_bf16()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,7 @@
 http:// and from an S3-protocol server (moto) on loopback), and the seam that runs stages inside the image.
 
 Apptainer cannot be installed here. Everything that would call it goes to a STAND-IN on PATH
-(tests/container_standin.py) that records its arguments and environment and runs the inner command on the host.
+(tests/support/container_standin.py) that records its arguments and environment and runs the inner command on the host.
 These tests check the command lines, environment and binds the workflow gives the runtime; no container runs.
 """
 

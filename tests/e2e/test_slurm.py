@@ -1,4 +1,4 @@
-"""The workflow on a real Slurm cluster (tests/slurm_cluster.py: slurmctld + slurmd on this machine, partitions
+"""The workflow on a real Slurm cluster (tests/support/slurm_cluster.py: slurmctld + slurmd on this machine, partitions
 `cpu` and `gpu`, two placeholder GPUs), through `snakemake --profile profiles/slurm` as users run it, plus the one
 override a cluster without job accounting needs (`--slurm-status-command squeue`).
 
@@ -350,7 +350,8 @@ def test_the_srun_launcher_path_rendezvous_in_a_slurm_job(cluster, tmp_path):
 
 
 def test_retries_scale_memory_and_time_and_several_nodes_ask_for_gpus_per_node():
-    from helpers import resolve_config, scaled, train_placement
+    from hpc_finetune.workflow.config import resolve_config
+    from hpc_finetune.workflow.slurm import scaled, train_placement
 
     cfg = resolve_config({"run_name": "x", "resources": {"gpus": 4, "train_mem_mb": 1000}})
     grow = scaled(cfg, cfg["resources"]["train_mem_mb"])

@@ -32,9 +32,8 @@ def install(bindir: Path, name: str = "apptainer") -> Path:
     """Write the stand-in as an executable `name` in bindir (put bindir first on PATH)."""
     bindir.mkdir(parents=True, exist_ok=True)
     exe = bindir / name
-    exe.write_text(f"#!{sys.executable}\n# STAND-IN for {name} (tests only): see tests/container_standin.py\n"
-                   f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                   "import container_standin; container_standin.main(sys.argv)\n")
+    exe.write_text(f"#!{sys.executable}\n# STAND-IN for {name} (tests only): see tests/support/container_standin.py\n"
+                   f"import runpy, sys; runpy.run_path({str(Path(__file__))!r})['main'](sys.argv)\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return exe
 
