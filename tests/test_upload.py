@@ -1,9 +1,11 @@
 """The upload stage against a real S3-protocol server on loopback (moto) that checks every SigV4 signature and the
 key's policy: single and multipart uploads, byte-exact objects with their sha256, re-runs that send only what
-changed, an aborted multipart upload, and the errors a person gets for bad settings or credentials."""
+changed, an aborted multipart upload, credentials from a profile, and the errors a person gets for bad settings,
+credentials or endpoints."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import replace
@@ -13,28 +15,28 @@ import upload
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import sha256_file
 from hpc_finetune.storage import s3
-from support.s3 import moto_auth, s3_key, s3_put
+from support.s3 import isolate_aws, moto_auth, s3_client, s3_key, s3_put
 
 BUCKET = "models"
 
 
 @pytest.fixture(scope="module")
-def store(s3_server):
+def key(s3_server):
     """The bucket, a key that may write it (and nothing else), and signature checks on for the module's tests."""
     key = s3_key(s3_server, "uploader", ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload",
                                          "s3:ListBucketMultipartUploads"],
                  [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"])
     s3_put(s3_server, BUCKET)
-    previous = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
     moto_auth(s3_server, "0")
-    yield s3.Store(s3_server)
+    yield key
     moto_auth(s3_server, "inf")
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = value
+
+
+@pytest.fixture
+def client(key, s3_server, tmp_path, monkeypatch):
+    """The key in the environment (and nothing else of AWS's), and a client of the server to read back with."""
+    isolate_aws(monkeypatch, tmp_path, AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+    return s3_client(s3_server, key)
 
 
 def outputs(tmp_path):
@@ -56,7 +58,7 @@ def config(tmp_path, endpoint, prefix="runs/demo", **overrides) -> upload.Config
                          endpoint=endpoint, **{"part_size_mb": 5, **overrides})
 
 
-def test_every_file_arrives_byte_exact_and_a_rerun_sends_only_what_changed(store, s3_server, tmp_path):
+def test_every_file_arrives_byte_exact_and_a_rerun_sends_only_what_changed(client, s3_server, tmp_path):
     merged, adapters = outputs(tmp_path)
     record = upload.main(config(tmp_path, s3_server))
     keys = [o["key"] for o in record["objects"]]
@@ -67,8 +69,11 @@ def test_every_file_arrives_byte_exact_and_a_rerun_sends_only_what_changed(store
     actions = {o["key"]: o["action"] for o in record["objects"]}
     assert actions["runs/demo/merged/model.safetensors"] == "uploaded in 3 parts"
     for obj in record["objects"]:
-        _, headers, body = store.call("get", "GET", BUCKET, obj["key"])
-        assert body == open(obj["file"], "rb").read() and headers["x-amz-meta-sha256"] == sha256_file(obj["file"])
+        got = client.get_object(Bucket=BUCKET, Key=obj["key"], ChecksumMode="ENABLED")
+        assert got["Body"].read() == open(obj["file"], "rb").read()
+        assert got["Metadata"]["sha256"] == sha256_file(obj["file"])  # x-amz-meta-sha256
+    single = client.head_object(Bucket=BUCKET, Key="runs/demo/merged/config.json", ChecksumMode="ENABLED")
+    assert "ChecksumSHA256" in single  # the body went with its SHA256 checksum, which the store checked
     assert json.loads((tmp_path / "upload.json").read_text())["uploaded_files"] == 5
 
     again = upload.main(config(tmp_path, s3_server))
@@ -80,26 +85,46 @@ def test_every_file_arrives_byte_exact_and_a_rerun_sends_only_what_changed(store
         "runs/demo/adapters/adapter_model.safetensors"]
 
 
-def test_a_failed_multipart_upload_is_aborted(store, s3_server, tmp_path, monkeypatch):
+def test_a_failed_multipart_upload_is_aborted(client, s3_server, tmp_path, monkeypatch):
     outputs(tmp_path)
-    real_call = store.call
+    plain = s3.Store.client.func
 
-    def failing(self, what, method, *args, **kwargs):
-        if "(part 2)" in what:
-            raise StageError(f"{what} failed: connection reset")
-        return real_call(what, method, *args, **kwargs)
+    def failing_part_2(self):
+        made = plain(self)
 
-    monkeypatch.setattr(s3.Store, "call", failing)
-    with pytest.raises(StageError, match="part 2"):
+        def cut(request, **_):
+            if "partNumber=2" in request.url:
+                raise ConnectionResetError("connection reset by peer during part 2")
+
+        made.meta.events.register("before-send.s3.UploadPart", cut)
+        return made
+
+    prop = functools.cached_property(failing_part_2)
+    prop.__set_name__(s3.Store, "client")
+    monkeypatch.setattr(s3.Store, "client", prop)
+    with pytest.raises(StageError, match=r"upload .*model.safetensors to s3://models/aborted/.*part 2"):
         upload.main(config(tmp_path, s3_server, prefix="aborted"))
-    monkeypatch.undo()
-    _, _, body = store.call("list uploads", "GET", BUCKET, query={"uploads": ""})
-    assert b"<UploadId>" not in body  # aborted: no parts left behind in the bucket
-    assert store.call("head", "HEAD", BUCKET, "aborted/merged/model.safetensors")[0] == 404
+    assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # aborted: no parts left behind
+    assert s3.Store(s3_server).head(BUCKET, "aborted/merged/model.safetensors") is None
     assert not (tmp_path / "upload.json").exists()
 
 
-def test_bad_settings_and_credentials_are_named(store, s3_server, tmp_path, monkeypatch):
+def test_credentials_from_a_profile(key, s3_server, tmp_path, monkeypatch):
+    """AWS_PROFILE names a profile of the shared files (here temporary ones): no key in the environment."""
+    isolate_aws(monkeypatch, tmp_path, AWS_PROFILE="uploader")
+    (tmp_path / "no-aws-credentials").write_text(
+        f"[uploader]\naws_access_key_id = {key['AccessKeyId']}\naws_secret_access_key = {key['SecretAccessKey']}\n")
+    (tmp_path / "no-aws-config").write_text("[profile uploader]\nregion = us-east-1\n")
+    outputs(tmp_path)
+    record = upload.main(config(tmp_path, s3_server, prefix="profiled", part_size_mb=64))
+    assert record["uploaded_files"] == 5
+    assert key["SecretAccessKey"] not in (tmp_path / "upload.json").read_text()
+    monkeypatch.setenv("AWS_PROFILE", "nobody")
+    with pytest.raises(StageError, match="profile .*nobody.* could not be found: check AWS_PROFILE"):
+        upload.main(config(tmp_path, s3_server, prefix="profiled"))
+
+
+def test_bad_settings_and_credentials_are_named(client, s3_server, tmp_path, monkeypatch):
     outputs(tmp_path)
     (tmp_path / "upload.json").write_text('{"kept": true}')
     with pytest.raises(StageError, match="upload.bucket 'models/x': an S3 URL is s3://bucket/path"):
@@ -109,10 +134,18 @@ def test_bad_settings_and_credentials_are_named(store, s3_server, tmp_path, monk
     with pytest.raises(StageError, match=f"{tmp_path / 'missing'}: no such directory"):
         upload.main(replace(config(tmp_path, s3_server), dirs=[str(tmp_path / "missing")]))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    with pytest.raises(StageError, match="check s3://models/denied/.* HTTP 403 .*check AWS_ACCESS_KEY_ID/AWS_SECRET"):
+    with pytest.raises(StageError, match="check s3://models/denied/.* HTTP 403: .*check AWS_ACCESS_KEY_ID/AWS_SECRET"):
         upload.main(config(tmp_path, s3_server, prefix="denied"))
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(StageError, match="AWS_SECRET_ACCESS_KEY not set: the upload to s3://models/denied needs a key"):
+    with pytest.raises(StageError, match="check s3://models/denied/.*: incomplete credentials .*AWS_SECRET_ACCESS_KEY.*or AWS_PROFILE"):
         upload.main(config(tmp_path, s3_server, prefix="denied"))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    with pytest.raises(StageError, match="check s3://models/denied/.*: no credentials: set AWS_ACCESS_KEY_ID/"
+                                         "AWS_SECRET_ACCESS_KEY or AWS_PROFILE"):
+        upload.main(config(tmp_path, s3_server, prefix="denied"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "any")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "any")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StageError, match="is http://127.0.0.1:9 reachable from this node"):
+        upload.main(config(tmp_path, "http://127.0.0.1:9", prefix="denied"))
     assert json.loads((tmp_path / "upload.json").read_text()) == {"kept": True}  # an earlier record is untouched
-

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 from hpc_finetune.io.files import read_jsonl, sha256_file
-from hpc_finetune.storage import s3
 from support.common import DEMO_SECRET as SECRET
 from support.common import REPO, SCRIPTS, SNAKEMAKE
-from support.s3 import moto_auth, s3_key, s3_put
+from support.s3 import moto_auth, s3_client, s3_key, s3_put
 from support.workflow import planned_jobs, run_workflow
 
 pytestmark = pytest.mark.e2e
@@ -130,7 +129,7 @@ def test_an_edited_module_reruns_the_stages_that_import_it(demo, module, expecte
     assert planned_jobs(snakemake(demo, "--dry-run")) == set()
 
 
-def test_the_upload_stage_sends_the_run_to_a_bucket_and_reruns_nothing_else(demo, run_dir, s3_server, monkeypatch):
+def test_the_upload_stage_sends_the_run_to_a_bucket_and_reruns_nothing_else(demo, run_dir, s3_server):
     """With upload.bucket set, a finished run plans the upload alone; the bucket then holds every merged and adapter
     file of the manifest with its sha256, and the manifest itself; the secret is in no file and no log."""
     key = s3_key(s3_server, "workflow-uploader", ["s3:PutObject", "s3:GetObject"],
@@ -142,9 +141,7 @@ def test_the_upload_stage_sends_the_run_to_a_bucket_and_reruns_nothing_else(demo
     moto_auth(s3_server, "0")
     try:
         run_workflow(demo, *args, env={"HF_TOKEN": SECRET, **credentials})
-        for name, value in credentials.items():
-            monkeypatch.setenv(name, value)
-        store = s3.Store(s3_server)
+        client = s3_client(s3_server, key)
         manifest = json.loads((run_dir / "manifest.json").read_text())
         sent = [a for a in manifest["artifacts"] if a["path"].startswith(("merged/", "adapters/"))]
         record = json.loads((run_dir / "upload.json").read_text())
@@ -153,9 +150,10 @@ def test_the_upload_stage_sends_the_run_to_a_bucket_and_reruns_nothing_else(demo
         assert keys[-1] == "runs/demo/manifest.json"  # and the manifest last
         assert any(a["path"] == "merged/model.safetensors" for a in sent)
         for artifact in sent:
-            _, headers, _ = store.call("head", "HEAD", "results", f"runs/demo/{artifact['path']}")
-            assert headers["x-amz-meta-sha256"] == artifact["sha256"], artifact["path"]
-        assert store.call("get", "GET", "results", "runs/demo/manifest.json")[2] == (run_dir / "manifest.json").read_bytes()
+            head = client.head_object(Bucket="results", Key=f"runs/demo/{artifact['path']}")
+            assert head["Metadata"]["sha256"] == artifact["sha256"], artifact["path"]  # x-amz-meta-sha256
+        manifest_object = client.get_object(Bucket="results", Key="runs/demo/manifest.json")["Body"].read()
+        assert manifest_object == (run_dir / "manifest.json").read_bytes()
         assert planned_jobs(snakemake(demo, "--dry-run", *args)) == set()
     finally:
         moto_auth(s3_server, "inf")

@@ -39,6 +39,31 @@ def moto_server() -> Iterator[str]:
         proc.wait(10)
 
 
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
+
+
+def isolate_aws(monkeypatch, tmp_path: Path, **env: str) -> None:
+    """boto3's credential chain sees only what a test gives it: no profile files of the person running the tests,
+    no instance metadata lookups (a second each off EC2), no AWS_* variables but `env`."""
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def s3_client(endpoint: str, key: dict | None = None):
+    """A boto3 client of the server (as `key`, an s3_key answer; else a dummy key for the server without checks)."""
+    import boto3
+
+    key = key or {"AccessKeyId": "testing", "SecretAccessKey": "testing"}
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                        aws_secret_access_key=key["SecretAccessKey"])
+
+
 def s3_put(endpoint: str, path: str, data: bytes = b"") -> None:
     request = urllib.request.Request(f"{endpoint}/{path}", data=data, method="PUT",
                                      headers={"Content-Type": "application/octet-stream"})

@@ -118,15 +118,15 @@ def download(url: str, dst: Path, cfg: Any) -> None:
             raise StageError(f"{url}: no such file")
         shutil.copyfile(src, dst)
         return
-    if scheme == "s3":
-        request = s3.Store(cfg.s3_endpoint, cfg.s3_region).request("GET", *s3.split_url(url, "container.url"))
-    else:
-        request = urllib.request.Request(url)
+    if scheme == "s3":  # credentials from boto3's chain; anonymous (a public bucket) when it finds none
+        s3.Store(cfg.s3_endpoint, cfg.s3_region, anonymous=True).download(*s3.split_url(url, "container.url"), dst)
+        return
     try:
-        with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as fh:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dst, "wb") as fh:
             shutil.copyfileobj(response, fh, 1 << 22)
     except urllib.error.HTTPError as err:
-        raise s3.http_error(f"download {url}", err) from None
+        raise StageError(f"download {url} failed: HTTP {err.code} {err.reason}: "
+                         f"{err.read(300).decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError) as err:
         raise StageError(f"download {url} failed: {getattr(err, 'reason', err)} (no network on this node? "
                          "run the container stage where the network is: README, Container)") from None
