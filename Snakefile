@@ -25,6 +25,7 @@ include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/upload.smk"
+include: "workflow/rules/hub_upload.smk"
 
 
 rule all:

@@ -47,7 +47,7 @@ def fetch_hub_model(cfg: Config) -> tuple[Path, str]:
         revision=cfg.revision,
         hub_url=cfg.hub_url,
         cache_dir=Path(os.path.expandvars(cfg.model_cache_dir)).expanduser().resolve(),
-        token=read_token(cfg.token_file, cfg.model_id or ""),
+        token=read_token(cfg.token_file, f"model {cfg.model_id or ''}"),
         update=cfg.update,
         min_free_bytes=int(cfg.min_free_gb * 1e9),
     )

@@ -15,6 +15,7 @@ from support.container import PartsRepo
 from support.cpu_features import simulate_cpu_without_avx512_bf16
 from support.data import Run
 from support.hub import Hub
+from support.hub_server import hub_server
 from support.s3 import moto_server
 from support.workflow import run_workflow
 
@@ -80,6 +81,14 @@ def s3_server():
     """moto's S3-protocol server on loopback (support/s3.py)."""
     with moto_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="session")
+def hub_endpoint(tmp_path_factory):
+    """The Hub-protocol server on loopback (support/hub_server.py): (endpoint, state). Tests use repositories of
+    their own names; multipart LFS transfers from 256 KiB on."""
+    with hub_server(tmp_path_factory.mktemp("hub-server"), multipart_chunk=256 << 10) as served:
+        yield served
 
 
 # --- the container tests --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from hpc_finetune.workflow.paths import (
     code_inputs,
     final_model,
     final_targets,
+    hub_upload_dirs,
     local_dataset,
     out,
     pick,
@@ -65,6 +66,7 @@ TRAINING = config["training"]
 MERGE = config["merge"]
 EVALUATE = config["evaluate"]
 UPLOAD = config["upload"]
+HUB_UPLOAD = config["hub_upload"]
 CONTAINER = config["container"]
 RESOURCES = config["resources"]
 

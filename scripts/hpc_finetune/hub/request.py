@@ -42,8 +42,9 @@ class Request:
         return self.cache_dir / self.model_id
 
 
-def read_token(token_file: str | None, model_id: str) -> str | None:
-    """The hub token: the contents of model.token_file when set, else HF_TOKEN. Its value is never logged."""
+def read_token(token_file: str | None, what: str, key: str = "model.token_file") -> str | None:
+    """The hub token: the contents of `token_file` (the config key `key`) when set, else HF_TOKEN. Errors start
+    with `what`; the value is never logged."""
     if not token_file:
         return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
     path = Path(os.path.expandvars(token_file)).expanduser()
@@ -51,17 +52,15 @@ def read_token(token_file: str | None, model_id: str) -> str | None:
         token = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as err:
         raise StageError(
-            f"model {model_id}: model.token_file {path} cannot be read ({getattr(err, 'strerror', None) or err}); "
+            f"{what}: {key} {path} cannot be read ({getattr(err, 'strerror', None) or err}); "
             "point it at a file that holds your hub token, or unset it and export HF_TOKEN"
         ) from None
     if not TOKEN.fullmatch(token):
         raise StageError(
-            f"model {model_id}: model.token_file {path} is empty or holds more than one token (spaces or control "
+            f"{what}: {key} {path} is empty or holds more than one token (spaces or control "
             "characters); write the token alone into it"
         )
     return token
-
-
 
 
 def check_request(req: Request) -> None:

@@ -190,6 +190,12 @@ def check_consistency(cfg: dict) -> None:
         raise ConfigError(
             "config key training.early_stopping_patience needs held-out data: set dataset.eval_fraction above 0"
         )
+    hub = cfg["hub_upload"]
+    if hub["repo_id"] and hub["publish"] == ["merged"] and not cfg["merge"]["merge_full_weights"]:
+        raise ConfigError(
+            "config key hub_upload.publish: [merged] with merge.merge_full_weights false publishes nothing; add "
+            "adapter, or turn merging on"
+        )
 
 
 def resolve_config(user_config: dict) -> dict:

@@ -88,11 +88,19 @@ def upload_dirs(cfg: dict) -> list[str]:
 
 
 def final_targets(cfg: dict) -> list[str]:
-    """What `rule all` asks for: the manifest, and the upload record when a bucket is set."""
-    return [out(cfg, "manifest.json"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else [])]
+    """What `rule all` asks for: the manifest, and the upload records when a bucket or a Hub repository is set."""
+    return [out(cfg, "manifest.json"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else []),
+            *([out(cfg, "hub_upload.json")] if cfg["hub_upload"]["repo_id"] else [])]
+
+
+def hub_upload_dirs(cfg: dict) -> dict[str, str]:
+    """The directories the Hub upload publishes: adapters and merged, as hub_upload.publish and merging allow."""
+    publish = set(cfg["hub_upload"]["publish"]) - ({"merged"} if not cfg["merge"]["merge_full_weights"] else set())
+    return {directory: out(cfg, directory) for kind, directory in (("adapter", "adapters"), ("merged", "merged"))
+            if kind in publish}
 
 
 def summary_config(cfg: dict) -> str:
-    """The effective config for the summary stage, without where the results are uploaded to: pointing the
-    upload elsewhere must not re-run the summary (whose manifest the upload sends)."""
-    return json.dumps({k: v for k, v in cfg.items() if k != "upload"}, sort_keys=True)
+    """The effective config for the summary stage, without where the results are uploaded to: pointing an
+    upload elsewhere must not re-run the summary (whose manifest the uploads send)."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("upload", "hub_upload")}, sort_keys=True)
