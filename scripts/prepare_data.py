@@ -1,5 +1,6 @@
-"""Data stage: read a dataset (local file, save_to_disk directory, dataset repository or hub name), normalise every
-row to a shape TRL's SFTTrainer takes, validate it, shuffle, split train/eval and report what was kept and why.
+"""Data stage: read a dataset (local file, save_to_disk directory, dataset repository or hub name; a dataset from a
+bucket is the copy fetch_dataset.py made, whose record --origin names), normalise every row to a shape TRL's
+SFTTrainer takes, validate it, shuffle, split train/eval and report what was kept and why.
 
     python scripts/prepare_data.py --path data/demo/medical_qa.jsonl --format auto --text-field text \
         --split train --eval-split auto --config-name null --max-samples null --max-eval-samples null \
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from hpc_finetune.data.clean import DROP_REASONS, LONG_ROWS, Limits, Part, clean, length_stats
 from hpc_finetune.data.source import FORMATS, columns, read_source, resolve_format
 from hpc_finetune.io.cli import StageError, cli, log, table
-from hpc_finetune.io.files import model_dir, write_json, write_jsonl
+from hpc_finetune.io.files import model_dir, read_json, write_json, write_jsonl
 from hpc_finetune.io.schema import option
 
 
@@ -48,6 +49,8 @@ class Config:
     max_dropped_fraction: float = option("dataset.max_dropped_fraction")
     seed: int = option("dataset.seed")
     max_seq_length: int = option("training.max_seq_length")
+    origin: str | None = field(default=None, metadata={
+        "help": "fetch record of a dataset from a bucket (fetch_dataset.py): the report says where --path came from"})
 
 
 def check_options(cfg: Config) -> None:
@@ -87,8 +90,17 @@ def make_report(cfg: Config, source, fmt: str, text_field: str, found: list[str]
         ),
         "tokens": length_stats([n for _, n in train_pairs + eval_pairs]), "max_seq_length": cfg.max_seq_length,
         "long_rows": cfg.long_rows, "max_samples": cfg.max_samples, "max_eval_samples": cfg.max_eval_samples,
-        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "origin": origin(cfg.origin),
     }
+
+
+def origin(record_path: str | None) -> dict | None:
+    """Where a fetched dataset came from: its s3:// URL, the endpoint, and every object's key, ETag and size."""
+    if not record_path:
+        return None
+    record = read_json(record_path)
+    return {"source": record["url"], "endpoint": record["endpoint"], "digest": record["digest"],
+            "objects": [{k: o[k] for k in ("key", "etag", "bytes")} for o in record["objects"]]}
 
 
 def summary_rows(report: dict) -> list[tuple[str, object]]:

@@ -26,6 +26,7 @@ if (
         f"{workflow.basedir}, or `pip install -e {workflow.basedir}`)."
     )
 from hpc_finetune.workflow.config import ConfigError, resolve_config
+from hpc_finetune.workflow.dataset import dataset_input
 from hpc_finetune.workflow.container import (
     check_container,
     container_definition,
@@ -69,6 +70,14 @@ UPLOAD = config["upload"]
 HUB_UPLOAD = config["hub_upload"]
 CONTAINER = config["container"]
 RESOURCES = config["resources"]
+
+# The dataset the stages read: dataset.path, or for s3:// the cache that rule fetch_dataset fills, named after the
+# objects listed here (README, "Datasets in buckets"). At parse time on purpose: a missing bucket or key, or no
+# credentials, stops the workflow before anything runs, and an overwritten object re-runs data preparation.
+try:
+    DATA = dataset_input(config, main_process=workflow.is_main_process)
+except ConfigError as err:
+    sys.exit(f"Dataset not readable (fix it before anything runs):\n{err}")
 
 # Container (README, "Container"). At parse time on purpose: a missing runtime or image must stop the workflow
 # before anything is submitted, the scratch directory must exist before the first `--bind` of it, and the

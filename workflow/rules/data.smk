@@ -1,10 +1,40 @@
 # Data stage: read the dataset in any supported format, normalise, validate, split train/eval, and report.
+# A dataset in a bucket (dataset.path s3://...) is fetched first, on the host that runs Snakemake (compute nodes
+# often have no route to the store), into a cache named after the objects' ETags (DATA, common.smk).
+
+if DATA.fetch:
+
+    rule fetch_dataset:
+        input:
+            script=script("fetch_dataset"),
+            code=code_inputs("fetch_dataset"),
+        output:
+            cache=directory(DATA.fetch["output"]),
+            record=DATA.fetch["record"],
+        log:
+            out(config, "logs", "fetch_dataset.log"),
+        benchmark:
+            out(config, "benchmarks", "fetch_dataset.tsv")
+        localrule: True
+        conda:
+            "../envs/finetune.yaml"
+        resources:
+            mem_mb=RESOURCES["cpu_mem_mb"],
+            runtime=RESOURCES["cpu_runtime"],
+        params:
+            args=stage_args(
+                **pick(DATA.fetch, "source", "endpoint", "region", "output"),
+                record_out=DATA.fetch["record"],
+            ),
+        shell:
+            "python {input.script} {params.args} > {log} 2>&1"
 
 
 rule prepare_data:
     input:
         model=out(config, "model", "model.json"),
-        data=local_dataset(DATASET["path"]),
+        data=DATA.inputs,
+        origin=DATA.origin or [],
         script=script("prepare_data"),
         code=code_inputs("prepare_data"),
         image=CONTAINER_IMAGE,
@@ -22,9 +52,10 @@ rule prepare_data:
         runtime=RESOURCES["cpu_runtime"],
     params:
         args=stage_args(
+            path=DATA.path,
+            origin=DATA.origin,
             **pick(
                 DATASET,
-                "path",
                 "format",
                 "text_field",
                 "split",

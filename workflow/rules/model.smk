@@ -29,7 +29,7 @@ HUB_FETCH = (
 
 rule build_demo_model:
     input:
-        data=local_dataset(DATASET["path"]),
+        data=DATA.inputs,
         script=script("build_demo_model"),
         code=code_inputs("build_demo_model"),
         image=CONTAINER_IMAGE,
@@ -46,7 +46,7 @@ rule build_demo_model:
     params:
         # the tokenizer is trained on the dataset's text, read as the data stage reads it
         args=stage_args(
-            data=DATASET["path"],
+            data=DATA.path,
             **pick(
                 DATASET,
                 "format",

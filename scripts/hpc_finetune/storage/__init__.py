@@ -1,1 +1,1 @@
-"""Object storage: the S3-protocol client."""
+"""Object storage: S3-protocol stores through boto3."""

@@ -1,0 +1,53 @@
+"""What the data stage (and the demo model's tokenizer) reads, decided when Snakemake starts: dataset.path itself,
+or, for a dataset in a bucket, the cache directory named after the objects listed now (hpc_finetune.data.remote)
+that rule fetch_dataset fills. Listing errors are ConfigErrors, so the workflow stops before any job runs.
+
+Jobs that Snakemake runs in processes of their own (a Slurm job re-reads the workflow on a compute node, which may
+have no route to the store) use the listing the main process saved in `state_dir`, so they plan what it planned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hpc_finetune.workflow.config import ConfigError
+from hpc_finetune.workflow.paths import local_dataset
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    path: str  # what the stages read (--path / --data)
+    inputs: list[str]  # rule inputs: the local file or directory, the fetched cache, or nothing (a hub name)
+    origin: str | None = None  # the fetch record (rule fetch_dataset), for the data report
+    fetch: dict | None = None  # rule fetch_dataset: source, output, record, endpoint, region
+
+
+def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_process: bool = True) -> DatasetInput:
+    ds = cfg["dataset"]
+    if not ds["path"].startswith("s3://"):
+        return DatasetInput(ds["path"], local_dataset(ds["path"]))
+    from hpc_finetune.data import remote
+    from hpc_finetune.io.cli import StageError
+    from hpc_finetune.io.files import write_json
+
+    where = [ds["path"], ds["s3_endpoint"], ds["s3_region"]]
+    saved = Path(state_dir) / f"dataset-{hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]}.json"
+    if main_process:
+        try:
+            listing = remote.list_s3(ds["path"], ds["s3_endpoint"], ds["s3_region"])
+        except StageError as err:
+            raise ConfigError(f"dataset.path {ds['path']}: {err}" if "dataset.path" not in str(err) else str(err)) \
+                from None
+        write_json(saved, asdict(listing))
+    elif saved.is_file():
+        listing = remote.Listing(**json.loads(saved.read_text()))
+    else:
+        raise ConfigError(f"{saved}: no listing of {ds['path']} from the main Snakemake process (start the workflow "
+                          "again from the directory it runs in)")
+    cache = listing.cache(ds["cache_dir"])
+    fetch = {"source": ds["path"], "output": cache, "record": f"{cache}.json", "endpoint": ds["s3_endpoint"],
+             "region": ds["s3_region"]}
+    return DatasetInput(listing.data_path(ds["cache_dir"]), [cache], f"{cache}.json", fetch)
