@@ -312,21 +312,31 @@ class Handler(BaseHTTPRequestHandler):
     def lfs_complete(self, oid: str, query) -> None:
         spec = json.loads(self.body())
         parts = [self.state.root / "lfs" / f"{oid}.part{p['partNumber']:05d}" for p in spec["parts"]]
-        data = b"".join(p.read_bytes() for p in parts)
-        if hashlib.sha256(data).hexdigest() != oid:
+        digest, tmp = hashlib.sha256(), self.state.lfs_path(oid).with_suffix(".tmp")
+        with open(tmp, "wb") as whole:  # part by part: a multi-GB object never sits in memory
+            for part in parts:
+                data = part.read_bytes()
+                digest.update(data)
+                whole.write(data)
+        if digest.hexdigest() != oid:
+            tmp.unlink()
             raise Refused(400, f"the parts do not add up to {oid}")
-        for p in parts:
-            p.unlink()
-        self.store(oid, data)
+        for part in parts:
+            part.unlink()
+        self.stored(oid, tmp)
         self.reply(200)
 
     def store(self, oid: str, data: bytes) -> None:
         tmp = self.state.lfs_path(oid).with_suffix(".tmp")
         tmp.write_bytes(data)
+        self.stored(oid, tmp)
+
+    def stored(self, oid: str, tmp: Path) -> None:
+        size = tmp.stat().st_size
         tmp.replace(self.state.lfs_path(oid))
         with self.state.lock:
             self.state.received["lfs_objects"] += 1
-            self.state.received["lfs_bytes"] += len(data)
+            self.state.received["lfs_bytes"] += size
 
     def lfs_verify(self, oid: str, query) -> None:
         spec = json.loads(self.body())
@@ -369,11 +379,20 @@ class Handler(BaseHTTPRequestHandler):
         entry = repo.commits[sha].get(urllib.parse.unquote(path))
         if entry is None:
             raise Refused(404, "Entry not found", "EntryNotFound")
-        data = entry.data if entry.sha256 is None else self.state.lfs_path(entry.sha256).read_bytes()
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.sha256 or entry.oid}"'}
-        if entry.sha256:
-            headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
-        self.reply(200, headers=headers, raw=data)
+        if entry.sha256 is None:
+            return self.reply(200, headers=headers, raw=entry.data)
+        headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
+        self.send_response(200)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(entry.size))
+        self.end_headers()
+        if self.command != "HEAD":
+            with open(self.state.lfs_path(entry.sha256), "rb") as fh:
+                while chunk := fh.read(8 << 20):
+                    self.wfile.write(chunk)
 
 
 @contextmanager
