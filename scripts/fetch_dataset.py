@@ -8,7 +8,8 @@ The workflow names --output after the objects it listed when it started (hpc_fin
 sizes); the stage lists again and refuses when they changed since, downloads each object at its listed ETag into a
 temporary directory and renames it into place, and writes the record (every object with its key, ETag, bytes and
 local path) that the data report carries. A complete cache is reused. Runs where Snakemake runs (compute nodes
-often have no route to the store). Sources dispatch on the kind of --source (FETCHERS): s3:// today.
+often have no route to the store). Sources dispatch on the kind of --source (FETCHERS): s3://, and hf://datasets/
+org/name for a hub dataset at the commit the workflow resolved (hpc_finetune.data.hub), into the shared cache.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class Config:
     record_out: str = field(metadata={"help": "record to write: the source, and every object with its local path"})
     endpoint: str | None = option("dataset.s3_endpoint")
     region: str = option("dataset.s3_region")
+    revision: str | None = field(default=None, metadata={"help": "hf://: the revision dataset.revision names"})
+    commit: str | None = field(default=None, metadata={"help": "hf://: the commit the workflow resolved it to"})
+    hub_url: str | None = option("dataset.hub_url")
+    cache_dir: str = option("dataset.cache_dir")
+    token_file: str | None = option("model.token_file")
 
 
 def fetch_s3(cfg: Config) -> dict:
@@ -42,7 +48,20 @@ def fetch_s3(cfg: Config) -> dict:
     return remote.fetch(listing, output, cfg.endpoint, cfg.region)
 
 
-FETCHERS = {"s3": fetch_s3}  # by URL scheme
+def fetch_hub(cfg: Config) -> dict:
+    from hpc_finetune.data import hub
+    from hpc_finetune.hub.request import read_token
+
+    repo_id = cfg.source.removeprefix("hf://datasets/")
+    if not (cfg.revision and cfg.commit):
+        raise StageError(f"dataset {cfg.source}: --revision and --commit are needed (the workflow resolves them)")
+    pinned = hub.Pinned(repo_id, cfg.revision, cfg.commit, hub.endpoint_of(cfg.hub_url))
+    if Path(cfg.output).resolve() != Path(pinned.snapshot(cfg.cache_dir)).resolve():
+        raise StageError(f"--output {cfg.output} is not where the cache keeps {repo_id}@{cfg.commit[:12]}")
+    return hub.fetch(pinned, cfg.cache_dir, read_token(cfg.token_file, f"dataset {repo_id}"))
+
+
+FETCHERS = {"s3": fetch_s3, "hf": fetch_hub}  # by URL scheme
 
 
 def main(cfg: Config) -> dict:
@@ -52,9 +71,12 @@ def main(cfg: Config) -> dict:
                          f"{', '.join(f'{k}://' for k in FETCHERS)})")
     record = FETCHERS[kind](cfg)
     write_json(cfg.record_out, record)
-    log.info("\n%s", table([("source", cfg.source), ("objects", len(record["objects"])),
-                            ("downloaded", f"{record['downloaded_files']} files, {record['downloaded_bytes']:,} B"),
-                            ("cache", cfg.output)], "Dataset fetch"))
+    rows = [("source", cfg.source), ("objects", len(record["objects"]))]
+    if "commit" in record:
+        rows.append(("commit", f"{record['commit']} ({cfg.revision})"))
+    if "downloaded_files" in record:
+        rows.append(("downloaded", f"{record['downloaded_files']} files, {record['downloaded_bytes']:,} B"))
+    log.info("\n%s", table([*rows, ("cache", cfg.output)], "Dataset fetch"))
     return record
 
 

@@ -95,10 +95,14 @@ def make_report(cfg: Config, source, fmt: str, text_field: str, found: list[str]
 
 
 def origin(record_path: str | None) -> dict | None:
-    """Where a fetched dataset came from: its s3:// URL, the endpoint, and every object's key, ETag and size."""
+    """Where a fetched dataset came from: its s3:// URL, the endpoint, and every object's key, ETag and size; or
+    the hub dataset, the revision asked for and the commit read."""
     if not record_path:
         return None
     record = read_json(record_path)
+    if record.get("kind") == "hub":
+        return {k: record[k] for k in ("kind", "repo_id", "revision", "commit", "endpoint")} | {
+            "source": record["url"], "files": len(record["objects"])}
     return {"source": record["url"], "endpoint": record["endpoint"], "digest": record["digest"],
             "objects": [{k: o[k] for k in ("key", "etag", "bytes")} for o in record["objects"]]}
 

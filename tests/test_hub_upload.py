@@ -53,7 +53,7 @@ def finished_run(root: Path, shard_kb: int = 600) -> Path:
     (run / "data" / "report.json").write_text(json.dumps(
         {"source": "acme/med-qa", "format": "messages", "input_rows": 120, "kept": 118,
          "dropped": {"empty": 1, "duplicate": 1, "too_long": 0}, "train_rows": 106, "eval_rows": 12,
-         "hub": {"repo_id": "acme/med-qa", "revision": "main", "commit": "b" * 40}}))
+         "origin": {"kind": "hub", "repo_id": "acme/med-qa", "revision": "main", "commit": "b" * 40}}))
     (run / "metrics" / "evaluate.json").write_text(json.dumps(
         {"base_eval_loss": 3.5, "finetuned_eval_loss": 1.25, "base_perplexity": 33.1, "finetuned_perplexity": 3.49,
          "eval_exact_match": 0.5, "eval_loss_rows": 12}))

@@ -43,7 +43,6 @@ from hpc_finetune.workflow.paths import (
     final_model,
     final_targets,
     hub_upload_dirs,
-    local_dataset,
     out,
     pick,
     script,
@@ -71,9 +70,11 @@ HUB_UPLOAD = config["hub_upload"]
 CONTAINER = config["container"]
 RESOURCES = config["resources"]
 
-# The dataset the stages read: dataset.path, or for s3:// the cache that rule fetch_dataset fills, named after the
-# objects listed here (README, "Datasets in buckets"). At parse time on purpose: a missing bucket or key, or no
-# credentials, stops the workflow before anything runs, and an overwritten object re-runs data preparation.
+# The dataset the stages read: dataset.path, or the cache that rule fetch_dataset fills: for s3:// named after the
+# objects listed here, for a hub dataset the snapshot of the commit dataset.revision names now (README, "Datasets
+# in buckets", "Hub datasets"). At parse time on purpose: a missing bucket, key, dataset or revision, or no
+# credentials, stops the workflow before anything runs, and a changed object or a moved branch re-runs data
+# preparation.
 try:
     DATA = dataset_input(config, main_process=workflow.is_main_process)
 except ConfigError as err:

@@ -1,6 +1,7 @@
 # Data stage: read the dataset in any supported format, normalise, validate, split train/eval, and report.
 # A dataset in a bucket (dataset.path s3://...) is fetched first, on the host that runs Snakemake (compute nodes
-# often have no route to the store), into a cache named after the objects' ETags (DATA, common.smk).
+# often have no route to the store), into a cache named after the objects' ETags; a hub dataset (org/name) at the
+# commit dataset.revision names, into the shared Hugging Face cache (DATA, common.smk).
 
 if DATA.fetch:
 
@@ -9,7 +10,8 @@ if DATA.fetch:
             script=script("fetch_dataset"),
             code=code_inputs("fetch_dataset"),
         output:
-            cache=directory(DATA.fetch["output"]),
+            # a hub dataset's snapshot lies in the shared Hugging Face cache, which Snakemake must not clean
+            cache=directory(DATA.fetch["output"]) if DATA.fetch["kind"] == "s3" else [],
             record=DATA.fetch["record"],
         log:
             out(config, "logs", "fetch_dataset.log"),
@@ -23,7 +25,7 @@ if DATA.fetch:
             runtime=RESOURCES["cpu_runtime"],
         params:
             args=stage_args(
-                **pick(DATA.fetch, "source", "endpoint", "region", "output"),
+                **{k: v for k, v in DATA.fetch.items() if k not in ("kind", "record")},
                 record_out=DATA.fetch["record"],
             ),
         shell:

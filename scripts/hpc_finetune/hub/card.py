@@ -31,7 +31,7 @@ def metadata(kind: str, model: dict, report: dict, license_: str | None):
     from huggingface_hub import ModelCardData
 
     base = model.get("model_id") if model.get("source") == "hub" and HUB_ID.match(model.get("model_id") or "") else None
-    hub_data = (report.get("hub") or {}).get("repo_id")
+    hub_data = (report.get("origin") or {}).get("repo_id")
     tags = ["hpc-finetune", "trl", "sft", "lora" if kind == "adapter" else "merged-lora"]
     if kind == "adapter":
         tags.insert(0, "peft")
@@ -114,8 +114,12 @@ def model_card(kind: str, repo_id: str, manifest: dict, model: dict, report: dic
             ("dropped (empty, duplicate, too long)",
              f"{dropped.get('empty', 0)}, {dropped.get('duplicate', 0)}, {dropped.get('too_long', 0)}"),
             ("train rows", report.get("train_rows")), ("held-out rows", report.get("eval_rows"))]
-    if report.get("hub"):
-        data.insert(1, ("dataset commit", report["hub"].get("commit")))
+    origin = report.get("origin") or {}
+    if origin.get("kind") == "hub":
+        data[0] = ("dataset", f"{origin['repo_id']} (revision {origin['revision']})")
+        data.insert(1, ("dataset commit", origin["commit"]))
+    elif origin:
+        data[0] = ("dataset", origin.get("source"))
     commit = manifest.get("workflow_commit")
     body = f"""
 # {repo_id.split('/')[-1]}

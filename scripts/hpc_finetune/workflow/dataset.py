@@ -27,6 +27,10 @@ class DatasetInput:
 
 def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_process: bool = True) -> DatasetInput:
     ds = cfg["dataset"]
+    from hpc_finetune.data import hub
+
+    if hub.is_hub_dataset(ds["path"]):
+        return hub_input(cfg, state_dir, main_process)
     if not ds["path"].startswith("s3://"):
         return DatasetInput(ds["path"], local_dataset(ds["path"]))
     from hpc_finetune.data import remote
@@ -48,6 +52,33 @@ def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_pr
         raise ConfigError(f"{saved}: no listing of {ds['path']} from the main Snakemake process (start the workflow "
                           "again from the directory it runs in)")
     cache = listing.cache(ds["cache_dir"])
-    fetch = {"source": ds["path"], "output": cache, "record": f"{cache}.json", "endpoint": ds["s3_endpoint"],
-             "region": ds["s3_region"]}
+    fetch = {"kind": "s3", "source": ds["path"], "output": cache, "record": f"{cache}.json",
+             "endpoint": ds["s3_endpoint"], "region": ds["s3_region"]}
     return DatasetInput(listing.data_path(ds["cache_dir"]), [cache], f"{cache}.json", fetch)
+
+
+def hub_input(cfg: dict, state_dir: str, main_process: bool) -> DatasetInput:
+    """A hub dataset: the commit dataset.revision names (asked when the main process starts, saved for the jobs),
+    its snapshot in the shared cache, and the fetch that fills it."""
+    from hpc_finetune.data import hub
+    from hpc_finetune.hub.request import read_token
+    from hpc_finetune.io.cli import StageError
+    from hpc_finetune.io.files import write_json
+
+    ds = cfg["dataset"]
+    where = [ds["path"], ds["revision"], ds["hub_url"]]
+    saved = Path(state_dir) / f"dataset-{hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]}.json"
+    if main_process or not saved.is_file():
+        try:
+            token = read_token(cfg["model"]["token_file"], f"dataset {ds['path']}")
+            pinned = hub.resolve(ds["path"], ds["revision"], ds["hub_url"], ds["cache_dir"], token)
+        except StageError as err:
+            raise ConfigError(str(err)) from None
+        write_json(saved, asdict(pinned))
+    else:
+        pinned = hub.Pinned(**json.loads(saved.read_text()))
+    snapshot, record = pinned.snapshot(ds["cache_dir"]), pinned.record(ds["cache_dir"])
+    fetch = {"kind": "hf", "source": f"hf://datasets/{pinned.repo_id}", "output": snapshot, "record": record,
+             "revision": pinned.revision, "commit": pinned.commit, "hub_url": ds["hub_url"],
+             "cache_dir": ds["cache_dir"], "token_file": cfg["model"]["token_file"]}
+    return DatasetInput(snapshot, [record], record, fetch)
