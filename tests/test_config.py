@@ -83,6 +83,12 @@ def test_flat_and_nested_overrides_as_snakemake_passes_them():
         ({"upload": {"bucket": "s3://Bad_Bucket/runs"}}, "upload.bucket: 's3://Bad_Bucket/runs' is not s3://bucket"),
         ({"merge": {"max_shard_size": "huge"}}, "merge.max_shard_size: 'huge' is not a size like 5GB, 500MB or 1.5TB"),
         ({"merge": {"max_shard_size": "500MiB"}}, "merge.max_shard_size: '500MiB' is not a size like 5GB"),
+        ({"hub_upload": {"repo_id": "no-namespace"}},
+         "hub_upload.repo_id: 'no-namespace' is not namespace/name (your user or organisation, a slash"),
+        ({"hub_upload": {"repo_id": "lab/x", "publish": ["gguf"]}}, "hub_upload.publish.0: 'gguf' is not allowed; allowed values: adapter, merged"),
+        ({"hub_upload": {"repo_id": "lab/x", "publish": ["merged"]}, "merge": {"merge_full_weights": False}},
+         "hub_upload.publish: [merged] with merge.merge_full_weights false publishes nothing"),
+        ({"dataset": {"revision": "../up"}}, "dataset.revision: '../up' does not match"),
     ],
 )
 def test_invalid_config_names_the_key_and_the_allowed_values(override, expected):
