@@ -123,7 +123,9 @@ def test_without_the_fix_an_evaluation_drops_the_gradient(as_on_avx512_bf16, tin
     with pytest.raises(StageError, match=r"after the evaluation at step 0: 14 4-bit layer\(s\) are in bitsandbytes'"):
         trainer.evaluate()  # the guard's check after every evaluation
     assert len(quantized.packed_layers(trainer.model)) == 14
-    assert worst_relative_difference(before, lora_grads(trainer.model, batch)) > 0.5
+    with pytest.warns(UserWarning, match="gemv_4bit: an autograd kernel was not registered.*silently incorrect"):
+        after = lora_grads(trainer.model, batch)  # the defect itself, caught here so that no run ever shows it
+    assert worst_relative_difference(before, after) > 0.5
     with pytest.raises(StageError, match=r"14 4-bit layer\(s\) are in bitsandbytes' CPU inference layout"):
         trainer.train()
 
