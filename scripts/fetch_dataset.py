@@ -50,12 +50,12 @@ def fetch_s3(cfg: Config) -> dict:
 
 def fetch_hub(cfg: Config) -> dict:
     from hpc_finetune.data import hub
-    from hpc_finetune.hub.request import read_token
+    from hpc_finetune.hub.request import hub_endpoint, read_token
 
     repo_id = cfg.source.removeprefix("hf://datasets/")
     if not (cfg.revision and cfg.commit):
         raise StageError(f"dataset {cfg.source}: --revision and --commit are needed (the workflow resolves them)")
-    pinned = hub.Pinned(repo_id, cfg.revision, cfg.commit, hub.endpoint_of(cfg.hub_url))
+    pinned = hub.Pinned(repo_id, cfg.revision, cfg.commit, hub_endpoint(cfg.hub_url))
     if Path(cfg.output).resolve() != Path(pinned.snapshot(cfg.cache_dir)).resolve():
         raise StageError(f"--output {cfg.output} is not where the cache keeps {repo_id}@{cfg.commit[:12]}")
     return hub.fetch(pinned, cfg.cache_dir, read_token(cfg.token_file, f"dataset {repo_id}"))

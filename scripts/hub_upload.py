@@ -17,7 +17,6 @@ sha256. The token: --token-file, else HF_TOKEN; it needs write access and is nev
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +69,11 @@ def targets(cfg: Config, cards) -> list:
 def main(cfg: Config) -> dict:
     from hpc_finetune.hub.card import base_license, model_card
     from hpc_finetune.hub.publish import check_token, ensure_repo, publish, with_retries
-    from hpc_finetune.hub.request import read_token
+    from hpc_finetune.hub.request import hub_endpoint, read_token
     from huggingface_hub import HfApi, constants
 
     started = time.time()
-    endpoint = (cfg.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    endpoint = hub_endpoint(cfg.endpoint)
     token = read_token(cfg.token_file, f"hub upload to {cfg.repo_id}", "hub_upload.token_file")
     if not token:
         raise StageError(f"hub upload to {cfg.repo_id}: no Hub token. Export HF_TOKEN=<a token with write access> "

@@ -50,7 +50,8 @@ class Config:
     seed: int = option("dataset.seed")
     max_seq_length: int = option("training.max_seq_length")
     origin: str | None = field(default=None, metadata={
-        "help": "fetch record of a dataset from a bucket (fetch_dataset.py): the report says where --path came from"})
+        "help": "fetch record of a dataset from a bucket or the hub (fetch_dataset.py): the report says where --path "
+                "came from"})
 
 
 def check_options(cfg: Config) -> None:

@@ -10,23 +10,16 @@ out as a dataset repository. The token (HF_TOKEN or model.token_file) is never l
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpc_finetune.hub.request import FULL_SHA, MODEL_ID, hub_endpoint
 from hpc_finetune.io.cli import StageError, log
-
-HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def is_hub_dataset(path: str) -> bool:
-    return bool(HUB_DATASET.match(path)) and not Path(path).expanduser().exists()
-
-
-def endpoint_of(hub_url: str | None) -> str:
-    return (hub_url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    """org/name, and no such local path (repository ids are named as the model stage's)."""
+    return bool(MODEL_ID.fullmatch(path)) and not Path(path).expanduser().exists()
 
 
 @dataclass
@@ -54,8 +47,8 @@ def cached_commit(repo_id: str, revision: str, cache_dir: str) -> str | None:
 
 def resolve(repo_id: str, revision: str, hub_url: str | None, cache_dir: str, token: str | None) -> Pinned:
     """The commit `revision` names now; StageErrors name the key to fix."""
-    endpoint = endpoint_of(hub_url)
-    if COMMIT.match(revision):
+    endpoint = hub_endpoint(hub_url)
+    if FULL_SHA.fullmatch(revision):
         return Pinned(repo_id, revision, revision, endpoint)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError

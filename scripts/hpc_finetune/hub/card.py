@@ -7,10 +7,8 @@ serve the model with vLLM. Everything in it comes from the run's records, whose 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -27,10 +25,15 @@ def base_license(model_dir: Path) -> str | None:
         return None
 
 
+def hub_base(model: dict) -> str | None:
+    """The base model's hub id (the model stage checked it), or None for a local or demo base."""
+    return model.get("model_id") if model.get("source") == "hub" else None
+
+
 def metadata(kind: str, model: dict, report: dict, license_: str | None):
     from huggingface_hub import ModelCardData
 
-    base = model.get("model_id") if model.get("source") == "hub" and HUB_ID.match(model.get("model_id") or "") else None
+    base = hub_base(model)
     hub_data = (report.get("origin") or {}).get("repo_id")
     tags = ["hpc-finetune", "trl", "sft", "lora" if kind == "adapter" else "merged-lora"]
     if kind == "adapter":
@@ -104,7 +107,7 @@ def model_card(kind: str, repo_id: str, manifest: dict, model: dict, report: dic
     from huggingface_hub import ModelCard
 
     config = manifest.get("config", {})
-    base = model.get("model_id") if model.get("source") == "hub" else None
+    base = hub_base(model)
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"a local model ({model.get('model_id')})"
     what = "A LoRA adapter" if kind == "adapter" else "A model merged from a LoRA adapter"
     also = f" The {'merged model' if kind == 'adapter' else 'adapter'} of the same run is `{pair}`." if pair else ""

@@ -17,6 +17,12 @@ SHORT_SHA = re.compile(r"[0-9a-f]{7,39}")
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 REVISION = re.compile(r"(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/+-]*")
 TOKEN = re.compile(r"[\x21-\x7e]+")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hub_endpoint(url: str | None) -> str:
+    """The Hub that huggingface_hub talks to: `url` (a config key), else HF_ENDPOINT, else huggingface.co."""
+    return (url or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
+from hpc_finetune.hub.request import MODEL_ID
 from hpc_finetune.io.schema import SCHEMA_PATH, schema
 
 PRESETS_DIR = SCHEMA_PATH.parent.parent / "presets"
@@ -154,14 +154,11 @@ def _preset(kind: str, key: str, name: Any) -> dict:
     return presets[name].get("config") or {}
 
 
-HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
 def check_hub_model(model: dict) -> None:
     """model.source hub: the id keys the cache (org/name), the URL is one git can clone and holds no secret."""
     if not model.get("model_id"):
         raise ConfigError("config key model.model_id: required when model.source is hub (e.g. meta-llama/Llama-3.1-8B)")
-    if not HUB_MODEL_ID.fullmatch(model["model_id"]):
+    if not MODEL_ID.fullmatch(model["model_id"]):
         raise ConfigError(
             f"config key model.model_id: {model['model_id']!r} is not a hub id org/name "
             "(e.g. meta-llama/Llama-3.1-8B-Instruct); use the full id shown on the model's hub page"

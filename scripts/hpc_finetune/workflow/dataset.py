@@ -25,6 +25,27 @@ class DatasetInput:
     fetch: dict | None = None  # rule fetch_dataset: source, output, record, endpoint, region
 
 
+def saved_path(state_dir: str, where: list) -> Path:
+    return Path(state_dir) / f"dataset-{hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]}.json"
+
+
+def planned(state_dir: str, where: list, main_process: bool, ask) -> dict | None:
+    """What the main process asks once (ask() -> a dict, StageErrors become ConfigErrors), saved in state_dir under
+    `where` for the job processes, which read it back; None in a job process when the main one saved nothing."""
+    from hpc_finetune.io.cli import StageError
+    from hpc_finetune.io.files import write_json
+
+    saved = saved_path(state_dir, where)
+    if not main_process:
+        return json.loads(saved.read_text()) if saved.is_file() else None
+    try:
+        answer = ask()
+    except StageError as err:
+        raise ConfigError(str(err)) from None
+    write_json(saved, answer)
+    return answer
+
+
 def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_process: bool = True) -> DatasetInput:
     ds = cfg["dataset"]
     from hpc_finetune.data import hub
@@ -35,22 +56,20 @@ def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_pr
         return DatasetInput(ds["path"], local_dataset(ds["path"]))
     from hpc_finetune.data import remote
     from hpc_finetune.io.cli import StageError
-    from hpc_finetune.io.files import write_json
+
+    def ask() -> dict:
+        try:
+            return asdict(remote.list_s3(ds["path"], ds["s3_endpoint"], ds["s3_region"]))
+        except StageError as err:
+            raise StageError(f"dataset.path {ds['path']}: {err}" if "dataset.path" not in str(err) else str(err)) \
+                from None
 
     where = [ds["path"], ds["s3_endpoint"], ds["s3_region"]]
-    saved = Path(state_dir) / f"dataset-{hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]}.json"
-    if main_process:
-        try:
-            listing = remote.list_s3(ds["path"], ds["s3_endpoint"], ds["s3_region"])
-        except StageError as err:
-            raise ConfigError(f"dataset.path {ds['path']}: {err}" if "dataset.path" not in str(err) else str(err)) \
-                from None
-        write_json(saved, asdict(listing))
-    elif saved.is_file():
-        listing = remote.Listing(**json.loads(saved.read_text()))
-    else:
-        raise ConfigError(f"{saved}: no listing of {ds['path']} from the main Snakemake process (start the workflow "
-                          "again from the directory it runs in)")
+    saved = planned(state_dir, where, main_process, ask)
+    if saved is None:
+        raise ConfigError(f"{saved_path(state_dir, where)}: no listing of {ds['path']} from the main Snakemake process (start the "
+                          "workflow again from the directory it runs in)")
+    listing = remote.Listing(**saved)
     cache = listing.cache(ds["cache_dir"])
     fetch = {"kind": "s3", "source": ds["path"], "output": cache, "record": f"{cache}.json",
              "endpoint": ds["s3_endpoint"], "region": ds["s3_region"]}
@@ -58,25 +77,19 @@ def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_pr
 
 
 def hub_input(cfg: dict, state_dir: str, main_process: bool) -> DatasetInput:
-    """A hub dataset: the commit dataset.revision names (asked when the main process starts, saved for the jobs),
-    its snapshot in the shared cache, and the fetch that fills it."""
+    """A hub dataset: the commit dataset.revision names (asked when the main process starts, saved for the jobs;
+    a job without the saved answer asks itself), its snapshot in the shared cache, and the fetch that fills it."""
     from hpc_finetune.data import hub
     from hpc_finetune.hub.request import read_token
-    from hpc_finetune.io.cli import StageError
-    from hpc_finetune.io.files import write_json
 
     ds = cfg["dataset"]
+
+    def ask() -> dict:
+        token = read_token(cfg["model"]["token_file"], f"dataset {ds['path']}")
+        return asdict(hub.resolve(ds["path"], ds["revision"], ds["hub_url"], ds["cache_dir"], token))
+
     where = [ds["path"], ds["revision"], ds["hub_url"]]
-    saved = Path(state_dir) / f"dataset-{hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]}.json"
-    if main_process or not saved.is_file():
-        try:
-            token = read_token(cfg["model"]["token_file"], f"dataset {ds['path']}")
-            pinned = hub.resolve(ds["path"], ds["revision"], ds["hub_url"], ds["cache_dir"], token)
-        except StageError as err:
-            raise ConfigError(str(err)) from None
-        write_json(saved, asdict(pinned))
-    else:
-        pinned = hub.Pinned(**json.loads(saved.read_text()))
+    pinned = hub.Pinned(**(planned(state_dir, where, main_process, ask) or planned(state_dir, where, True, ask)))
     snapshot, record = pinned.snapshot(ds["cache_dir"]), pinned.record(ds["cache_dir"])
     fetch = {"kind": "hf", "source": f"hf://datasets/{pinned.repo_id}", "output": snapshot, "record": record,
              "revision": pinned.revision, "commit": pinned.commit, "hub_url": ds["hub_url"],
