@@ -106,7 +106,7 @@ def test_an_explicit_strategy_is_checked_too(models):
     estimate, layers = models["70B"]
     budget = round(GIB48 * FRACTION)
     assert strategies.choose("fsdp", world=2, device="cuda", quantization="4bit", estimate=estimate,
-                             layers=layers, budget_mb=budget) == ("fsdp", "training.strategy")
+                             layers=layers, budget_mb=budget) == ("fsdp", "as configured")
     with pytest.raises(StageError, match="training.strategy ddp: the job does not fit its 2 GPU"):
         strategies.choose("ddp", world=2, device="cuda", quantization="4bit", estimate=estimate, layers=layers,
                           budget_mb=budget)

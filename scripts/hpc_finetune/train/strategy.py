@@ -94,7 +94,7 @@ def choose(requested: str, *, world: int, device: str, quantization: str, estima
         raise StageError(_does_not_fit("auto", estimate, layers, world, budget_mb, offload, zero_stage))
     if not fits[requested]:
         raise StageError(_does_not_fit(requested, estimate, layers, world, budget_mb, offload, zero_stage))
-    return requested, "training.strategy"
+    return requested, "as configured"
 
 
 def _on_cpu(requested: str, world: int, quantization: str) -> tuple[str, str]:
@@ -109,7 +109,7 @@ def _on_cpu(requested: str, world: int, quantization: str) -> tuple[str, str]:
                          "the CPU use fsdp or ddp")
     if requested == "auto":
         return ("ddp", f"{world} CPU processes") if world > 1 else ("single", "one CPU process")
-    return requested, "training.strategy"
+    return requested, "as configured"
 
 
 def _does_not_fit(requested: str, estimate: dict, layers: int, world: int, budget_mb: int, offload: bool,
