@@ -49,9 +49,13 @@ def fsdp(tiny_model, tmp_path_factory) -> dict:
     checkpoints = sorted(p.relative_to(out) for p in out.glob("checkpoints/*/checkpoint-*/**/*") if p.is_file())
     resumed = torchrun_train(tiny_model, out, 2, **settings)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
-    return dict(out=out, stopped=stopped, stopped_steps=stopped_steps, checkpoints=[str(c) for c in checkpoints],
-                resumed=resumed, steps=json.loads((out / "session_steps.json").read_text()),
-                metrics=json.loads((out / "metrics" / "train.json").read_text()))
+    result = dict(out=out, stopped=stopped, stopped_steps=stopped_steps, checkpoints=[str(c) for c in checkpoints],
+                  resumed=resumed, steps=json.loads((out / "session_steps.json").read_text()),
+                  metrics=json.loads((out / "metrics" / "train.json").read_text()),
+                  adapter=(out / "adapters" / "adapter_model.safetensors").read_bytes())
+    again = torchrun_train(tiny_model, out, 2, **settings)  # a finished run: its adapter, from its checkpoint
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-6000:]
+    return result | dict(again=again, again_steps=json.loads((out / "session_steps.json").read_text()))
 
 
 def test_the_stop_writes_a_sharded_checkpoint(fsdp):
@@ -103,6 +107,34 @@ def test_the_saved_adapter_is_what_peft_loads_and_matches_one_process(fsdp, sing
         assert torch.equal(loaded[key].detach(), value), name  # exactly what PEFT loads
         assert torch.allclose(value, reference[name], atol=WEIGHT_TOLERANCE), name  # and what one process learned
     assert any((saved[n] != 0).any() for n in saved if "lora_B" in n)
+
+
+def test_a_finished_fsdp_run_trains_nothing_and_keeps_its_adapter(fsdp):
+    from safetensors.torch import load, load_file
+
+    assert fsdp["again_steps"] == {"steps": 0, "status": 0}
+    assert "nothing left to train" in fsdp["again"].stderr + fsdp["again"].stdout
+    before, after = load(fsdp["adapter"]), load_file(str(fsdp["out"] / "adapters" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
+def test_cut_off_sharded_and_deepspeed_checkpoints_are_recognised(fsdp, tmp_path):
+    import shutil
+
+    from hpc_finetune.train.control import checkpoint_problem
+
+    source = next(fsdp["out"].glob(f"checkpoints/*/checkpoint-{STEPS}"))
+    assert checkpoint_problem(source) is None
+    cut = Path(shutil.copytree(source, tmp_path / "fsdp"))
+    (cut / "optimizer_0" / ".metadata").unlink()
+    assert "optimizer_0 is cut off" in checkpoint_problem(cut)
+    # DeepSpeed's layout (GPU-only here, so built by hand): `latest` names the tag directory of its own states
+    ds = Path(shutil.copytree(source, tmp_path / "ds", ignore=shutil.ignore_patterns("optimizer_0", "pytorch_*")))
+    (ds / "latest").write_text(f"global_step{STEPS}")
+    assert "missing or empty" in checkpoint_problem(ds)
+    (ds / f"global_step{STEPS}").mkdir()
+    (ds / f"global_step{STEPS}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert checkpoint_problem(ds) is None
 
 
 def test_the_setup_table_shows_the_strategy(fsdp):

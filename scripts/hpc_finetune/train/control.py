@@ -31,10 +31,16 @@ def checkpoint_problem(path: Path) -> str | None:
     if "global_step" not in state:
         return "trainer_state.json has no global_step"
     sharded = sorted(p.name for p in path.glob("optimizer_*") if p.is_dir())  # FSDP: one directory of shards
+    if (path / "latest").is_file():  # DeepSpeed: its own checkpoint under the tag `latest` names
+        tag = (path / "latest").read_text().strip()
+        if not tag or not (path / tag).is_dir() or not any((path / tag).iterdir()):
+            return f"DeepSpeed checkpoint {tag or '(no tag)'} named by `latest` is missing or empty"
+        sharded = [tag]
     for name in ("scheduler.pt",) if sharded else ("optimizer.pt", "scheduler.pt"):
         if not (path / name).is_file() or (path / name).stat().st_size == 0:
             return f"{name} missing or empty"
-    for name in [*sharded, *(p.name for p in path.glob("pytorch_model_fsdp_*") if p.is_dir())]:
+    fsdp = [p.name for p in path.glob("pytorch_model_fsdp_*") if p.is_dir()]
+    for name in [*(s for s in sharded if s.startswith("optimizer_")), *fsdp]:
         if not (path / name / ".metadata").is_file():  # torch.distributed.checkpoint writes it after the shards
             return f"{name} is cut off (no .metadata: not every shard was written)"
     for state in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
