@@ -186,3 +186,22 @@ def test_the_preflight_report_lists_every_strategy(tiny_model, tmp_path):
                                         max_seq_length=256, processes_per_node=2, strategy="fsdp"))
     assert preflight.world_size(preflight.Config(model_json="-", output="-", gpus=4, nodes=2)) == 8
     assert preflight.world_size(preflight.Config(model_json="-", output="-", gpus=0)) == 1
+
+
+def test_the_train_stage_hands_the_strategy_to_the_trainer_arguments(tmp_path):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from hpc_finetune.train.setup import strategy_settings
+
+    cfg = SimpleNamespace(cpu_offload=True, zero_stage=2)
+    fsdp = strategy_settings(cfg, tmp_path, {"name": "fsdp", "decoder_layer_classes": ["LlamaDecoderLayer"]})
+    assert fsdp == {"fsdp": True, "fsdp_config": strategies.fsdp_config(["LlamaDecoderLayer"], offload=True)}
+    assert strategy_settings(cfg, tmp_path, {"name": "ddp"}) == {} == strategy_settings(cfg, tmp_path, None)
+    if importlib.util.find_spec("deepspeed"):
+        assert strategy_settings(cfg, tmp_path, {"name": "deepspeed"}) == {
+            "deepspeed": strategies.deepspeed_config(2, True)}
+        assert json.loads((tmp_path / "deepspeed.json").read_text()) == strategies.deepspeed_config(2, True)
+    else:  # the pinned stack (and this environment) leaves DeepSpeed out: a clear error, not an ImportError
+        with pytest.raises(StageError, match="needs the deepspeed package"):
+            strategy_settings(cfg, tmp_path, {"name": "deepspeed"})
