@@ -166,9 +166,32 @@ def run(cmd: list[str], deadline: float | None = None, resend_every: float = 5.0
                 _signal_group(proc, signal.SIGUSR1)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc). torchrun starts each worker in a session of its own, out of reach of
+    a signal to torchrun's process group."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{stat}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])  # the name in ( ) may hold spaces
+                children.setdefault(parent, []).append(int(stat))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """The signal to the process group of what the launcher started and to every process below it (the workers
+    torchrun starts in sessions of their own)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signum)
+    for pid in descendants(proc.pid) if os.path.isdir("/proc") else []:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,7 +165,7 @@ def test_a_hyperparameter_change_plans_only_the_downstream_jobs(slurm_demo):
     assert "Nothing to be done" in again.result.stdout + again.result.stderr
 
 
-def test_snakemake_profile_slurm_works_as_written_after_make_install_profile(slurm_demo, tmp_path):
+def test_snakemake_profile_slurm_works_as_written_after_make_install_profile(cluster, tmp_path):
     """`snakemake --profile slurm` (the name, from the project directory) after `make install-profile`, which
     links the repository's profiles where Snakemake looks names up ($XDG_CONFIG_HOME/snakemake); without it the
     name is unknown."""
@@ -173,14 +173,16 @@ def test_snakemake_profile_slurm_works_as_written_after_make_install_profile(slu
     env = os.environ | {"XDG_CONFIG_HOME": str(config_home),
                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["timeout", "-k", "10", "300", *SNAKEMAKE, "--profile", "slurm", *NO_ACCOUNTING, "--dry-run",
-           "--config", *DEMO_RESOURCES, "training__learning_rate=0.005"]
-    before = subprocess.run(cmd, cwd=slurm_demo.workdir, env=env, capture_output=True, text=True)
+           "--config", *DEMO_RESOURCES]
+    workdir = fresh_project(tmp_path / "project")
+    before = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert before.returncode != 0 and "slurm" in before.stderr, before.stderr[-2000:]
     subprocess.run(["make", "-s", "-C", str(REPO), "install-profile"], env=env, check=True, capture_output=True)
     assert (config_home / "snakemake" / "slurm").resolve() == REPO / "profiles" / "slurm"
-    dry = subprocess.run(cmd, cwd=slurm_demo.workdir, env=env, capture_output=True, text=True)
+    dry = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert planned_jobs(dry) == {"train", "merge", "evaluate", "summary", "all"}
+    assert planned_jobs(dry) == {"build_demo_model", "model", "prepare_data", "preflight", "train", "merge",
+                                 "evaluate", "summary", "all"}
     assert "slurm" in (dry.stdout + dry.stderr).lower()
     # idempotent, and a real directory of that name is left alone
     subprocess.run(["make", "-s", "-C", str(REPO), "install-profile"], env=env, check=True, capture_output=True)
@@ -250,36 +252,64 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
     assert f"resuming from checkpoint-{resumed_at}" in log, log[:3000]
 
 
-def test_fsdp_on_two_gpus_stops_at_the_time_limit_resumes_and_merges(slurm_demo, tmp_path):
+def fresh_project(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (path / "data").symlink_to(REPO / "data")
+    return path
+
+
+def test_fsdp_on_two_gpus_is_cancelled_resumes_and_merges(cluster, tmp_path):
     """training.strategy fsdp with resources.gpus 2 (two processes, gloo on the CPU; plain LoRA: 4-bit does not
-    run sharded on the CPU) in a 2-minute job that must stop 60 s before its limit: it writes a sharded checkpoint
-    and fails; the retry resumes under FSDP from it, finishes, and the adapter merges. Nothing in the profile
-    changes: only the config's resources and training keys."""
-    demo_train = metrics(slurm_demo.workdir, "train")
-    steps_per_s = demo_train["steps"] / demo_train["train_seconds"] / 2  # two ranks share the two cores
-    max_steps = max(60, round(steps_per_s * 40 * 2.5))
-    workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
-    run = slurm_snakemake(workdir, "--retries", "3", "--config", *DEMO_RESOURCES, "resources__gpus=2",
-                          "resources__train_runtime=2", "resources__train_stop_before=60", "training__strategy=fsdp",
-                          "training__quantization=none", f"training__max_steps={max_steps}",
-                          "training__eval_steps=1000", "training__save_steps=1000", "evaluate__enabled=false")
-    rules = [rule for rule, _, _ in run.jobs]
-    assert rules[0] == "preflight" and rules[-2:] == ["merge", "summary"] and set(rules[1:-2]) == {"train"}, rules
-    assert len(run.job_ids("train")) >= 2, "the first train job finished inside its time limit; raise max_steps"
-    assert run.record("train", 0)["JobState"] == "FAILED" and "gpu:2" in gpu_request(run.record("train", 0))
-    assert run.record("train")["JobState"] == "COMPLETED"
+    run sharded on the CPU), from a fresh project: preflight chooses fsdp, the train job is cancelled mid-training
+    (scancel: what a time limit or preemption does), writes a sharded checkpoint, and the retry resumes under FSDP
+    from it, finishes, and the adapter merges. Nothing in the profile changes: only the config's keys. Its own
+    project (not the demo's copy), so that it needs no demo run first."""
+    import time
+
+    max_steps = 60
+    workdir = fresh_project(tmp_path / "project")
     run_dir = workdir / "results" / "demo"
+    train_log = run_dir / "logs" / "train.log"
+    output = tmp_path / "snakemake.out"
+    cmd, env = slurm_command("--config", *DEMO_RESOURCES, "resources__gpus=2", "training__strategy=fsdp",
+                             "training__quantization=none", f"training__max_steps={max_steps}",
+                             "training__eval_steps=1000", "training__save_steps=1000", "training__logging_steps=5",
+                             "evaluate__enabled=false")
+    with open(output, "w") as sink:
+        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 1200
+            while time.monotonic() < deadline and controller.poll() is None:
+                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
+                                                    train_log.read_text() if train_log.is_file() else "")]
+                if steps and 5 <= steps[-1] < max_steps - 10:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"training never got to step 5:\n{output.read_text()[-4000:]}")
+            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
+            subprocess.run(["scancel", job], check=True)
+            assert controller.wait(1200) == 0, output.read_text()[-8000:]
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+    text = output.read_text()
+    jobs = [job for rule, job, _ in submitted(text) if rule == "train"]
+    assert len(jobs) == 2, text[-6000:]
+    assert slurm_cluster.scontrol_job(jobs[0])["JobState"] == "CANCELLED"
+    assert "gpu:2" in gpu_request(slurm_cluster.scontrol_job(jobs[1]))
     assert json.loads((run_dir / "preflight.json").read_text())["strategy"]["chosen"] == "fsdp"
     train = metrics(workdir, "train")
     resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
-    assert 0 < resumed_at < max_steps and train["steps"] == max_steps
+    assert 5 <= resumed_at < max_steps and train["steps"] == max_steps
     assert train["strategy"] == "fsdp" and train["world_size"] == 2
-    checkpoint = Path(train["resumed_from"])
-    assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded, as FSDP wrote it
-    log = (run_dir / "logs" / "train.log").read_text()
+    assert (Path(train["resumed_from"]) / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded, as FSDP wrote
+    log = train_log.read_text()
     assert f"resuming from checkpoint-{resumed_at}" in log and "strategy fsdp" in log, log[:3000]
     assert "2 process(es) per node (SLURM_GPUS_ON_NODE)" in log
     assert metrics(workdir, "merge")["max_abs_logit_diff"] <= 1e-3
+    assert (run_dir / "merged" / "model.safetensors").is_file()
 
 
 def test_a_train_job_cancelled_with_scancel_is_resumed_by_the_retry(slurm_demo, tmp_path):
