@@ -304,7 +304,7 @@ def test_fsdp_on_two_gpus_is_cancelled_resumes_and_merges(cluster, tmp_path):
     resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
     assert 5 <= resumed_at < max_steps and train["steps"] == max_steps
     assert train["strategy"] == "fsdp" and train["world_size"] == 2
-    assert (Path(train["resumed_from"]) / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded, as FSDP wrote
+    assert (workdir / train["resumed_from"] / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded by FSDP
     log = train_log.read_text()
     assert f"resuming from checkpoint-{resumed_at}" in log and "strategy fsdp" in log, log[:3000]
     assert "2 process(es) per node (SLURM_GPUS_ON_NODE)" in log
