@@ -1,6 +1,8 @@
 # make demo   create the environment and run the whole pipeline on the embedded demo (CPU, offline)
 # make test   create the environment and run the test suite
 # make lint   snakemake --lint, snakefmt --check, ruff
+# make install-profile  link profiles/slurm (and local, apptainer) where Snakemake looks profile names up, so that
+#             `snakemake --profile slurm` works as written, from any project directory
 # make bench  our train stage vs a plain TRL+PEFT baseline (8B architecture on a GPU, the tiny model on the CPU);
 #             BENCH_ARGS="--preset mistral-7b" picks another; scripts/tools/bench.py merge|workflow for the others
 
@@ -14,7 +16,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint bench clean
+.PHONY: env demo test lint bench clean install-profile
 
 PACKAGE := $(VENV)/.package
 
@@ -51,6 +53,20 @@ lint: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/ruff check scripts workflow tests
+
+# Snakemake looks `--profile NAME` up in the working directory, then in $XDG_CONFIG_HOME/snakemake (~/.config/snakemake).
+# Links, not copies: a `git pull` updates them. An existing profile of that name that is not our link is left alone.
+PROFILE_HOME ?= $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
+install-profile:
+	@mkdir -p $(PROFILE_HOME)
+	@for name in slurm local apptainer; do \
+		target=$(PROFILE_HOME)/$$name; \
+		if [ -e $$target ] && [ ! -L $$target ]; then \
+			echo "$$target exists and is not a link: left alone (remove it, then run make install-profile)"; \
+			exit 1; \
+		fi; \
+		ln -sfn $(abspath profiles)/$$name $$target && echo "$$target -> $(abspath profiles)/$$name"; \
+	done
 
 clean:
 	rm -rf results resources .snakemake build

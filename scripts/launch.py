@@ -7,10 +7,16 @@ GPUs that Slurm allocated to this job on this node (SLURM_GPUS_ON_NODE, then the
 else `--gpus` (outside Slurm); 1 when `--gpus` is 0. A visible device is no proof of a usable GPU: the trainer
 decides the device from the preflight report and falls back to gloo on the CPU.
 
-- 1 process, 1 node: `python train.py`.
+- 1 process, 1 node: `python train.py` (torchrun with one process when the strategy shards: FSDP and DeepSpeed
+  need a process group).
 - N processes, 1 node: `torchrun --standalone --nproc-per-node N` (NCCL on GPUs, gloo on the CPU).
 - M nodes (`--nodes` > 1, inside a Slurm job with M nodes): `srun --nodes M --ntasks-per-node 1` starts one
   torchrun per node, with the c10d rendezvous on the job's first node (`--port`), rendezvous id the job id.
+
+The strategy (training.strategy, as preflight resolved it: single, ddp, fsdp, deepspeed) reaches every process on
+every node the same way: each trainer reads it from the preflight report (`--preflight`, the file the trainer is
+given too) on the shared file system; torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR) tells Accelerate the
+world. The launcher reads it to log it and to pick the one-process form.
 
 The launcher itself runs on the host (no heavy imports): srun and squeue are there, not in the image. With
 `--in-image PREFIX` it starts the trainer, torchrun or each node's part through PREFIX (after srun).
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -78,15 +85,26 @@ def first_node(env: Mapping[str, str]) -> str:
     return hosts.stdout.split()[0]
 
 
+SHARDED = ("fsdp", "deepspeed")
+
+
+def planned_strategy(preflight: str) -> str:
+    """The strategy preflight chose for the train job ('' without a report or a choice)."""
+    if not preflight or not os.path.isfile(preflight):
+        return ""
+    with open(preflight) as fh:
+        return (json.load(fh).get("strategy") or {}).get("chosen", "")
+
+
 def command(script: list[str], processes: int, nodes: int, port: int, env: Mapping[str, str],
-            srun: bool = False, image: list[str] = ()) -> list[str]:
+            srun: bool = False, image: list[str] = (), strategy: str = "") -> list[str]:
     """The command line that starts `script` (the trainer and its arguments). srun: the multi-node form even for
     one node (tests exercise the srun + rendezvous path on one machine with it). image: the container runtime's
     prefix (`apptainer exec ... finetune.sif`); it goes after srun, which exists on the host only, and the
     image's own `python` runs the trainer."""
     python = "python" if image else sys.executable
     srun = srun or nodes > 1
-    if not srun and processes <= 1:
+    if not srun and processes <= 1 and strategy not in SHARDED:
         return [*image, python, *script]
     torchrun = [python, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
     if not srun:
@@ -148,9 +166,32 @@ def run(cmd: list[str], deadline: float | None = None, resend_every: float = 5.0
                 _signal_group(proc, signal.SIGUSR1)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc). torchrun starts each worker in a session of its own, out of reach of
+    a signal to torchrun's process group."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{stat}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])  # the name in ( ) may hold spaces
+                children.setdefault(parent, []).append(int(stat))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """The signal to the process group of what the launcher started and to every process below it (the workers
+    torchrun starts in sessions of their own)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signum)
+    for pid in descendants(proc.pid) if os.path.isdir("/proc") else []:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-image", default="",
                         help="prefix that runs a command in the container image (hpc_finetune.workflow.container.container_prefix); "
                              "empty: on the host")
+    parser.add_argument("--preflight", default="",
+                        help="the preflight report: the strategy it chose (logged; sharded ones always get torchrun)")
     parser.add_argument("--lock", default="",
                         help="file to hold an exclusive lock on while training (one train job per run at a time)")
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- the trainer and its arguments")
@@ -181,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         os.execvp(script[0], script)
     env = os.environ
     processes, source = processes_per_node(args.gpus, args.processes, env)
-    cmd = command(script, processes, args.nodes, args.port, env, srun=args.srun, image=shlex.split(args.in_image))
+    strategy = planned_strategy(args.preflight)
+    cmd = command(script, processes, args.nodes, args.port, env, srun=args.srun, image=shlex.split(args.in_image),
+                  strategy=strategy)
     print(f"launch.py: {args.nodes} node(s) x {processes} process(es) per node ({source}); "
-          f"world size {args.nodes * processes}; CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r}",
-          flush=True)
+          f"world size {args.nodes * processes}; strategy {strategy or '-'}; "
+          f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r}", flush=True)
     print(f"launch.py: {shlex.join(cmd)}", flush=True)
     if cmd[0] == "srun" and not shutil.which("srun"):
         raise SystemExit("launch.py: --nodes > 1 needs srun (run inside a Slurm job)")

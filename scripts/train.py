@@ -11,7 +11,9 @@ whether bf16 is available. Checkpoints go to {checkpoint-root}/{fingerprint}, th
 every setting, input and line of training code that decides the result: a re-run after an interruption resumes from the last complete
 checkpoint there, a changed setting starts fresh. SIGUSR1 or SIGTERM (Slurm, before the time limit) saves a
 checkpoint and stops with exit status 2; the next run resumes. Multi-process runs (torchrun, accelerate launch)
-write files from rank 0 only.
+write files from rank 0 only. The strategy (single, ddp, fsdp, deepspeed) is the one preflight.json chose for
+training.strategy; under fsdp and deepspeed the engines (PyTorch FSDP, DeepSpeed ZeRO through Accelerate) shard
+the model and write sharded checkpoints, and the adapter is gathered once to be saved.
 
 The library (hpc_finetune.train): data (rows, loss masking), setup (SFTConfig, the trainer, 4-bit layers kept
 trainable), fingerprint (settings, data, model, device and this program's code), control (checkpoints, progress,
@@ -65,6 +67,9 @@ class Config:
     lora_dropout: float = option("training.lora_dropout")
     target_modules: str | list[str] = option("training.target_modules")
     quantization: str = option("training.quantization")
+    strategy: str = option("training.strategy")
+    cpu_offload: bool = option("training.cpu_offload")
+    zero_stage: int = option("training.zero_stage")
     gradient_checkpointing: bool = option("training.gradient_checkpointing")
     bf16: bool | str = option("training.bf16")
     packing: bool = option("training.packing")
@@ -97,7 +102,8 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
         transformers.utils.logging.disable_progress_bar()
     run = prepare(cfg, __file__)
     args = sft_config(cfg, run.dir, cpu=run.device != "cuda", bf16=run.bf16, has_eval=run.eval_ds is not None,
-                      resuming=run.resume is not None, mode=run.mode, trust_remote_code=run.trust_remote_code)
+                      resuming=run.resume is not None, mode=run.mode, trust_remote_code=run.trust_remote_code,
+                      strategy=run.strategy)
     progress = progress_callback()
     with stop_on_signal() as stopper:
         trainer = build_trainer(cfg, run.path, args, run.tokenizer, run.train_ds, run.eval_ds,

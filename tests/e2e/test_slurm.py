@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -164,13 +165,43 @@ def test_a_hyperparameter_change_plans_only_the_downstream_jobs(slurm_demo):
     assert "Nothing to be done" in again.result.stdout + again.result.stderr
 
 
+def test_snakemake_profile_slurm_works_as_written_after_make_install_profile(cluster, tmp_path):
+    """`snakemake --profile slurm` (the name, from the project directory) after `make install-profile`, which
+    links the repository's profiles where Snakemake looks names up ($XDG_CONFIG_HOME/snakemake); without it the
+    name is unknown."""
+    config_home = tmp_path / "config"
+    env = os.environ | {"XDG_CONFIG_HOME": str(config_home),
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = ["timeout", "-k", "10", "300", *SNAKEMAKE, "--profile", "slurm", *NO_ACCOUNTING, "--dry-run",
+           "--config", *DEMO_RESOURCES]
+    workdir = fresh_project(tmp_path / "project")
+    before = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    assert before.returncode != 0 and "slurm" in before.stderr, before.stderr[-2000:]
+    subprocess.run(["make", "-s", "-C", str(REPO), "install-profile"], env=env, check=True, capture_output=True)
+    assert (config_home / "snakemake" / "slurm").resolve() == REPO / "profiles" / "slurm"
+    dry = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert planned_jobs(dry) == {"build_demo_model", "model", "prepare_data", "preflight", "train", "merge",
+                                 "evaluate", "summary", "all"}
+    assert "slurm" in (dry.stdout + dry.stderr).lower()
+    # idempotent, and a real directory of that name is left alone
+    subprocess.run(["make", "-s", "-C", str(REPO), "install-profile"], env=env, check=True, capture_output=True)
+    (config_home / "snakemake" / "slurm").unlink()
+    (config_home / "snakemake" / "slurm").mkdir()
+    refused = subprocess.run(["make", "-s", "-C", str(REPO), "install-profile"], env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "is not a link: left alone" in refused.stdout + refused.stderr
+
+
 def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
     """Two GPUs allocated -> two training processes (torchrun, gloo on the CPU) in one job; the adapter they
     produce merges and reloads like a single-process one. Only the jobs after the change are submitted."""
     workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
     run = slurm_snakemake(workdir, "--config", *DEMO_RESOURCES, "resources__gpus=2", "training__max_steps=12",
                           "training__eval_steps=6", "training__save_steps=6", "evaluate__enabled=false")
-    assert [rule for rule, _, _ in run.jobs] == ["train", "merge", "summary"]
+    # preflight again: it chooses the strategy for the job's GPUs (two now: ddp)
+    assert [rule for rule, _, _ in run.jobs] == ["preflight", "train", "merge", "summary"]
+    assert json.loads((workdir / "results" / "demo" / "preflight.json").read_text())["strategy"]["chosen"] == "ddp"
     record = run.record("train")
     assert record["Partition"] == "gpu" and "gpu:2" in gpu_request(record), record
     log = (workdir / "results" / "demo" / "logs" / "train.log").read_text()
@@ -219,6 +250,66 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
     assert redone < max_steps  # a fresh run would have done all max_steps
     log = (workdir / "results" / "demo" / "logs" / "train.log").read_text()
     assert f"resuming from checkpoint-{resumed_at}" in log, log[:3000]
+
+
+def fresh_project(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (path / "data").symlink_to(REPO / "data")
+    return path
+
+
+def test_fsdp_on_two_gpus_is_cancelled_resumes_and_merges(cluster, tmp_path):
+    """training.strategy fsdp with resources.gpus 2 (two processes, gloo on the CPU; plain LoRA: 4-bit does not
+    run sharded on the CPU), from a fresh project: preflight chooses fsdp, the train job is cancelled mid-training
+    (scancel: what a time limit or preemption does), writes a sharded checkpoint, and the retry resumes under FSDP
+    from it, finishes, and the adapter merges. Nothing in the profile changes: only the config's keys. Its own
+    project (not the demo's copy), so that it needs no demo run first."""
+    import time
+
+    max_steps = 60
+    workdir = fresh_project(tmp_path / "project")
+    run_dir = workdir / "results" / "demo"
+    train_log = run_dir / "logs" / "train.log"
+    output = tmp_path / "snakemake.out"
+    cmd, env = slurm_command("--config", *DEMO_RESOURCES, "resources__gpus=2", "training__strategy=fsdp",
+                             "training__quantization=none", f"training__max_steps={max_steps}",
+                             "training__eval_steps=1000", "training__save_steps=1000", "training__logging_steps=5",
+                             "evaluate__enabled=false")
+    with open(output, "w") as sink:
+        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 1200
+            while time.monotonic() < deadline and controller.poll() is None:
+                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
+                                                    train_log.read_text() if train_log.is_file() else "")]
+                if steps and 5 <= steps[-1] < max_steps - 10:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"training never got to step 5:\n{output.read_text()[-4000:]}")
+            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
+            subprocess.run(["scancel", job], check=True)
+            assert controller.wait(1200) == 0, output.read_text()[-8000:]
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+    text = output.read_text()
+    jobs = [job for rule, job, _ in submitted(text) if rule == "train"]
+    assert len(jobs) == 2, text[-6000:]
+    assert slurm_cluster.scontrol_job(jobs[0])["JobState"] == "CANCELLED"
+    assert "gpu:2" in gpu_request(slurm_cluster.scontrol_job(jobs[1]))
+    assert json.loads((run_dir / "preflight.json").read_text())["strategy"]["chosen"] == "fsdp"
+    train = metrics(workdir, "train")
+    resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
+    assert 5 <= resumed_at < max_steps and train["steps"] == max_steps
+    assert train["strategy"] == "fsdp" and train["world_size"] == 2
+    assert (workdir / train["resumed_from"] / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded by FSDP
+    log = train_log.read_text()
+    assert f"resuming from checkpoint-{resumed_at}" in log and "strategy fsdp" in log, log[:3000]
+    assert "2 process(es) per node (SLURM_GPUS_ON_NODE)" in log
+    assert metrics(workdir, "merge")["max_abs_logit_diff"] <= 1e-3
+    assert (run_dir / "merged" / "model.safetensors").is_file()
 
 
 def test_a_train_job_cancelled_with_scancel_is_resumed_by_the_retry(slurm_demo, tmp_path):
@@ -322,16 +413,19 @@ def test_the_container_prefix_goes_after_srun_and_the_image_python_runs_the_trai
         *image, "python", "-m", "torch.distributed.run"]
 
 
-def launcher_job(tmp_path: Path, program: str, mem_mb: int, port: int, stop_before: int):
-    """An sbatch job (2 GPUs, 5 minutes) that runs launch.py's multi-node path (srun) on `program`; returns the
-    sbatch result and the job's log."""
-    (tmp_path / "program.py").write_text(program)
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def launcher_job(tmp_path: Path, program: str, mem_mb: int, port: int, stop_before: int, args: str = "",
+                 launch_args: str = "", env: dict | None = None):
+    """An sbatch job (2 GPUs, 5 minutes) that runs launch.py's multi-node path (srun) on `program` (source, or a
+    path); returns the sbatch result and the job's log."""
+    if "\n" in program:
+        (tmp_path / "program.py").write_text(program)
+        program = str(tmp_path / "program.py")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
     result = subprocess.run(
         ["sbatch", "--wait", "-p", "gpu", "--gpus=2", "-c", "2", f"--mem={mem_mb}", "-t", "5",
          "-o", str(tmp_path / "job.log"),
          "--wrap", f"{sys.executable} {REPO / 'scripts' / 'launch.py'} --gpus 2 --srun --port {port} "
-                   f"--stop-before {stop_before} -- {tmp_path / 'program.py'} {tmp_path}"],
+                   f"--stop-before {stop_before} {launch_args} -- {program} {args or tmp_path}"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
@@ -347,6 +441,28 @@ def test_the_srun_launcher_path_rendezvous_in_a_slurm_job(cluster, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["WORLD_SIZE"] for r in ranks] == ["2", "2"] and {r["sum"] for r in ranks} == {3.0}
     assert all(r["SLURM_STEP_ID"] is not None for r in ranks)  # they ran inside the srun job step
+
+
+def test_fsdp_training_through_the_multi_node_command_line_in_a_slurm_job(cluster, tiny_model, tmp_path):
+    """The train stage under FSDP started the way several nodes start it (srun, one torchrun per node, c10d
+    rendezvous), on this cluster's one node with two GPUs allocated: the launcher reads the strategy from the
+    preflight report, both ranks train the same sharded model, and the adapter is saved once."""
+    from support import distributed_train
+
+    preflight = tmp_path / "preflight.json"
+    preflight.write_text(json.dumps({"device": "cpu", "bf16": False, "strategy": {
+        "requested": "fsdp", "chosen": "fsdp", "why": "as configured", "world_size": 2}}))
+    overrides = json.dumps({"strategy": "fsdp", "quantization": "none", "micro_batch_size": 4})
+    result, log = launcher_job(
+        tmp_path, distributed_train.__file__, mem_mb=4000, port=29557, stop_before=0,
+        args=f"{tiny_model} {tmp_path / 'run'} {shlex.quote(overrides)}", launch_args=f"--preflight {preflight}",
+        env={"PYTHONPATH": f"{REPO / 'scripts'}:{REPO / 'tests'}"})
+    assert result.returncode == 0, result.stderr + log[-6000:]
+    assert "world size 2; strategy fsdp" in log and "--rdzv-backend=c10d" in log, log
+    train = json.loads((tmp_path / "run" / "metrics" / "train.json").read_text())
+    assert train["strategy"] == "fsdp" and train["world_size"] == 2 and train["steps"] == 8
+    assert next((tmp_path / "run" / "checkpoints").glob("*/checkpoint-8/pytorch_model_fsdp_0/__1_0.distcp"))
+    assert (tmp_path / "run" / "adapters" / "adapter_model.safetensors").is_file()
 
 
 def test_retries_scale_memory_and_time_and_several_nodes_ask_for_gpus_per_node():

@@ -1,4 +1,5 @@
-# GPU preflight: report the GPUs, estimate the memory the job needs, and refuse a job that will not fit.
+# GPU preflight: report the GPUs, estimate the memory the job needs, choose the training strategy for the train
+# job's GPUs (resources.nodes x resources.gpus), and refuse a job that will not fit.
 
 
 rule preflight:
@@ -28,6 +29,8 @@ rule preflight:
                 "gradient_checkpointing",
             ),
             **pick(TRAINING, "lora_r", "target_modules", "bf16"),
+            **pick(TRAINING, "strategy", "cpu_offload", "zero_stage"),
+            **pick(RESOURCES, "gpus", "nodes", "processes_per_node"),
             **pick(config["preflight"], "device", "cpu_max_params", "memory_fraction"),
         ),
     shell:

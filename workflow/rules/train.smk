@@ -43,7 +43,7 @@ rule train:
         tensorboard=out(config, "logs", "tensorboard"),
     shell:
         "exec python {input.launcher} {params.launch} --in-image={resources.in_image:q}"
-        " --stop-before {resources.stop_before} --lock {params.checkpoints}/.lock --"
+        " --stop-before {resources.stop_before} --lock {params.checkpoints}/.lock --preflight {input.preflight} --"
         " {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
         " --eval-data {input.eval} --preflight {input.preflight} --output-dir {output.adapters}"
         " --metrics-out {output.metrics} --checkpoint-root {params.checkpoints}"

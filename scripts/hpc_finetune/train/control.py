@@ -30,9 +30,19 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"trainer_state.json unreadable ({err.__class__.__name__})"
     if "global_step" not in state:
         return "trainer_state.json has no global_step"
-    for name in ("optimizer.pt", "scheduler.pt"):
+    sharded = sorted(p.name for p in path.glob("optimizer_*") if p.is_dir())  # FSDP: one directory of shards
+    if (path / "latest").is_file():  # DeepSpeed: its own checkpoint under the tag `latest` names
+        tag = (path / "latest").read_text().strip()
+        if not tag or not (path / tag).is_dir() or not any((path / tag).iterdir()):
+            return f"DeepSpeed checkpoint {tag or '(no tag)'} named by `latest` is missing or empty"
+        sharded = [tag]
+    for name in ("scheduler.pt",) if sharded else ("optimizer.pt", "scheduler.pt"):
         if not (path / name).is_file() or (path / name).stat().st_size == 0:
             return f"{name} missing or empty"
+    fsdp = [p.name for p in path.glob("pytorch_model_fsdp_*") if p.is_dir()]
+    for name in [*(s for s in sharded if s.startswith("optimizer_")), *fsdp]:
+        if not (path / name / ".metadata").is_file():  # torch.distributed.checkpoint writes it after the shards
+            return f"{name} is cut off (no .metadata: not every shard was written)"
     for state in sorted([*path.glob("*.pt"), *path.glob("*.pth")]):
         if not zipfile.is_zipfile(state):  # torch.save writes a zip archive; its directory is at the very end
             return f"{state.name} is cut off (not a complete torch archive)"
@@ -81,6 +91,22 @@ def load_checkpoint(trainer, checkpoint: Path) -> None:
         if param.requires_grad:
             param.data = param.data.float()
     trainer.model.load_adapter(str(source), trainer.model.active_adapter, is_trainable=True)
+
+
+def adapter_into_checkpoints():
+    """A TrainerCallback for sharded runs (FSDP): the trainer's checkpoints hold each rank's shards, not an adapter;
+    this gathers the LoRA weights (only those) into each checkpoint as adapter_model.safetensors, so that every
+    checkpoint is loadable by PEFT, checked like any other, and a finished run's adapter can be taken from it."""
+    from transformers import TrainerCallback
+
+    from hpc_finetune.train.run import save_gathered_adapter
+
+    class AdapterIntoCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save_gathered_adapter(model, Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                  state.is_world_process_zero)
+
+    return AdapterIntoCheckpoints()
 
 
 # --- progress and signals -------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def model_parameters(model_path: str, target_modules: str | list[str]) -> dict:
         "intermediate_size": getattr(text_config, "intermediate_size", 4 * text_config.hidden_size),
         "num_layers": text_config.num_hidden_layers,
         "vocab_size": text_config.vocab_size,
+        "decoder_layer_classes": list(getattr(model, "_no_split_modules", None) or []),  # what FSDP wraps
     }
 
 
@@ -153,19 +154,27 @@ def decide(cfg: Any, report: dict, params: dict) -> str:
     return "cpu"
 
 
+def plannable_mb(gpus: list[dict], fraction: float) -> tuple[int, dict]:
+    """(MiB that may be planned on the smallest visible GPU, that GPU)."""
+    smallest = min(gpus, key=lambda g: g["memory_mb"])
+    return round(smallest["memory_mb"] * fraction), smallest
+
+
+def fit_tips(cfg: Any) -> str:
+    return (f"To fit: training.quantization 4bit (now {cfg.quantization}), a smaller training.micro_batch_size (now "
+            f"{cfg.micro_batch_size}) with more gradient_accumulation, training.gradient_checkpointing true (now "
+            f"{str(cfg.gradient_checkpointing).lower()}), or a shorter training.max_seq_length "
+            f"(now {cfg.max_seq_length}).")
+
+
 def check_fit(estimate: dict, gpus: list[dict], fraction: float, cfg: Any) -> int:
     """Refuse a job whose estimate exceeds the smallest visible GPU's budget. Returns the budget in MiB."""
-    smallest = min(gpus, key=lambda g: g["memory_mb"])
-    budget = round(smallest["memory_mb"] * fraction)
+    budget, smallest = plannable_mb(gpus, fraction)
     if estimate["total_mb"] > budget:
         parts = ", ".join(f"{k} {v} MiB" for k, v in estimate.items() if k not in ("total_mb", "lora_parameters"))
         raise StageError(
             f"the job needs about {estimate['total_mb']} MiB per GPU but GPU {smallest['index']} "
             f"({smallest['name']}) has {smallest['memory_mb']} MiB, of which {budget} MiB may be planned "
-            f"(preflight.memory_fraction {fraction}). Parts: {parts}. To fit: training.quantization 4bit "
-            f"(now {cfg.quantization}), a smaller training.micro_batch_size (now {cfg.micro_batch_size}) with "
-            f"more gradient_accumulation, training.gradient_checkpointing true (now "
-            f"{str(cfg.gradient_checkpointing).lower()}), or a shorter training.max_seq_length "
-            f"(now {cfg.max_seq_length})."
+            f"(preflight.memory_fraction {fraction}). Parts: {parts}. {fit_tips(cfg)}"
         )
     return budget

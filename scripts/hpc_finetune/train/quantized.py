@@ -18,8 +18,10 @@ from hpc_finetune.io.cli import StageError, log
 QUANTIZATION = ("4bit", "8bit", "none")
 
 
-def quantization_config(quantization: str, compute_dtype):
-    """The BitsAndBytesConfig of training.quantization (None for plain LoRA)."""
+def quantization_config(quantization: str, compute_dtype, sharded: bool = False):
+    """The BitsAndBytesConfig of training.quantization (None for plain LoRA). sharded (FSDP, DeepSpeed ZeRO-3):
+    the 4-bit codes stored in the compute dtype, as the model's other weights (`bnb_4bit_quant_storage`, the PEFT
+    recipe), so that the engines can flatten and shard them with the rest; the default uint8 storage cannot."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
@@ -28,6 +30,7 @@ def quantization_config(quantization: str, compute_dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

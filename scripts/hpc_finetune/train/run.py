@@ -17,6 +17,7 @@ from hpc_finetune.io.files import read_json
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.model.portable import make_portable
 from hpc_finetune.train import fingerprint as fingerprints
+from hpc_finetune.train import strategy as strategies
 from hpc_finetune.train.control import find_resume_checkpoint, first_last, load_checkpoint, run_finished
 from hpc_finetune.train.data import loss_mode, read_data, to_dataset
 from hpc_finetune.train.setup import resolve_bf16
@@ -48,6 +49,28 @@ class Run:
     fingerprint: str
     dir: Path
     resume: Path | None
+    strategy: dict  # name (single, ddp, fsdp, deepspeed), why, decoder_layer_classes, per_gpu_mb (preflight's)
+
+
+def train_strategy(cfg: Any, preflight: dict, device: str, world_size: int) -> dict:
+    """The strategy of this run: preflight's choice for training.strategy (it knows the GPUs' memory), checked
+    against what this process sees; decided here only when the report has none (tests write a bare one)."""
+    chosen = dict(preflight.get("strategy") or {})
+    name = chosen.get("chosen")
+    if name is None or chosen.get("requested") != cfg.strategy:
+        if device == "cuda":
+            name, why = (cfg.strategy if cfg.strategy != "auto" else "ddp" if world_size > 1 else "single",
+                         "preflight.json has no choice for it")
+        else:
+            name, why = strategies.choose(cfg.strategy, world=world_size, device=device, quantization=cfg.quantization)
+        chosen.update(requested=cfg.strategy, why=why)
+    elif device != "cuda":  # the CPU guard again: a hand-written report must not put 4-bit weights into FSDP
+        strategies.choose(name, world=world_size, device=device, quantization=cfg.quantization)
+    if name in ("single", "ddp"):
+        name = "ddp" if world_size > 1 else "single"  # what the launcher actually started
+    if chosen.get("world_size") not in (None, world_size):
+        log.warning("preflight planned for %s processes, this run has %d", chosen["world_size"], world_size)
+    return chosen | {"name": name}
 
 
 def prepare(cfg: Any, program: str | Path) -> Run:
@@ -66,7 +89,9 @@ def prepare(cfg: Any, program: str | Path) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(record["path"], trust_remote_code=record.get("trust_remote_code", False))
     train_rows, eval_rows, fmt = read_data(cfg.train_data, cfg.eval_data)
     mode = loss_mode(fmt, tokenizer, cfg.assistant_only_loss)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS}
+    strategy = train_strategy(cfg, preflight, device, world_size)
+    # a sharded checkpoint resumes only under the strategy that wrote it: the resolved one is part of the settings
+    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS} | {"strategy": strategy["name"]}
     covered = fingerprints.parts(settings, cfg.train_data, cfg.eval_data, record, device, bf16, world_size, program)
     fp = fingerprints.fingerprint(covered)
     root = Path(cfg.checkpoint_root)
@@ -81,7 +106,7 @@ def prepare(cfg: Any, program: str | Path) -> Run:
         fingerprints.remember(run_dir, covered)
     return Run(record, record["path"], record.get("trust_remote_code", False), device, bf16, world_size, rank,
                tokenizer, fmt, mode, to_dataset(train_rows, fmt, mode), to_dataset(eval_rows, fmt, mode), fp,
-               run_dir, resume)
+               run_dir, resume, strategy)
 
 
 def setup_table(cfg: Any, run: Run, trainable: int, total: int) -> str:
@@ -91,12 +116,27 @@ def setup_table(cfg: Any, run: Run, trainable: int, total: int) -> str:
         ("parameters", f"{total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)"),
         ("quantization", cfg.quantization),
         ("device", f"{run.device}, bf16 {run.bf16}, world size {run.world_size}"),
+        ("strategy", f"{run.strategy['name']} (training.strategy {cfg.strategy}"
+                     f"{': ' + run.strategy['why'] if run.strategy.get('why') else ''})"),
+        ("shards", strategies.shards(run.strategy["name"], run.world_size, cfg.zero_stage)),
+        ("memory per GPU", memory_per_gpu(run)),
         ("data", f"{len(run.train_ds)} train / {len(run.eval_ds) if run.eval_ds else 0} eval rows, {run.fmt}"),
         ("loss", run.mode),
         ("effective batch", f"{effective} = micro batch {cfg.micro_batch_size} x gradient accumulation "
                             f"{cfg.gradient_accumulation} x world size {run.world_size}"),
         ("checkpoints", str(run.dir)),
     ], "Training setup")
+
+
+def memory_per_gpu(run: Run) -> str:
+    """The preflight estimate of this run's strategy, per GPU (an estimate; none on the CPU)."""
+    row = (run.strategy.get("per_gpu_mb") or {}).get(run.strategy["name"])
+    if not row:
+        return "-"
+    offload = run.strategy.get("cpu_offload") and "mb_per_gpu_cpu_offload" in row
+    mb = row["mb_per_gpu_cpu_offload"] if offload else row["mb_per_gpu"]
+    where = "planned on the GPUs" if run.device == "cuda" else "if these were GPUs"
+    return f"~{mb} MiB (preflight estimate{', cpu_offload' if offload else ''}, {where})"
 
 
 def final_metrics(cfg: Any, run: Run, trainer, *, started: float, seconds: float, tokens: int, trainable: int,
@@ -113,7 +153,8 @@ def final_metrics(cfg: Any, run: Run, trainer, *, started: float, seconds: float
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None, "peak_memory": peak_memory(),
         "trainable_params": trainable, "total_params": total,
         "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation * run.world_size,
-        "world_size": run.world_size, "quantization": cfg.quantization, "device": run.device, "bf16": run.bf16,
+        "world_size": run.world_size, "strategy": run.strategy["name"], "quantization": cfg.quantization,
+        "device": run.device, "bf16": run.bf16,
         "resumed_from": str(run.resume) if run.resume else None, "adapter_max_abs_change": change,
         "loss_mode": run.mode, "data_format": run.fmt, "fingerprint": run.fingerprint,
         "checkpoint_dir": str(run.dir), "log_history": history,
@@ -139,23 +180,46 @@ def evaluate_last_step(trainer) -> None:
         trainer.evaluate()
 
 
+def whole(param):
+    """A parameter's full value: FSDP2 keeps each rank's shard in a DTensor (gathering is a collective: every
+    rank calls it)."""
+    tensor = param.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def adapter_snapshot(model) -> dict:
-    return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: whole(p).float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def max_abs_change(model, before: dict) -> float:
     after = dict(model.named_parameters())
-    return max((after[name].detach().float().cpu() - value).abs().max().item() for name, value in before.items())
+    return max((whole(after[name]).float().cpu() - value).abs().max().item() for name, value in before.items())
+
+
+def save_gathered_adapter(model, directory: Path, is_main: bool) -> None:
+    """The LoRA weights of a (possibly FSDP-sharded) PeftModel, gathered whole (a collective: every rank calls
+    it; only the trainable weights travel, not the frozen base) and saved by PEFT on the main process."""
+    weights = {name: whole(p).cpu() for name, p in model.named_parameters() if p.requires_grad}
+    if is_main:
+        model.save_pretrained(str(directory), state_dict=weights)
 
 
 def save_adapter(trainer, output_dir: str) -> None:
     """Adapter (adapter_config.json, adapter_model.safetensors) and tokenizer, written into a sibling temporary
-    directory and renamed into place: a reader never sees half an adapter."""
+    directory and renamed into place: a reader never sees half an adapter. Under FSDP (sharded state dicts, which
+    the trainer's save_model skips) the adapter is gathered once and saved by PEFT; DeepSpeed ZeRO-3 gathers it
+    in save_model (stage3_gather_16bit_weights_on_model_save)."""
     out = Path(output_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))  # every rank takes part (sharded models); only rank 0 writes
+    trainer.accelerator.wait_for_everyone()
+    if getattr(trainer, "is_fsdp_enabled", False):
+        save_gathered_adapter(trainer.model, tmp, trainer.is_world_process_zero())
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(str(tmp))
+    else:
+        trainer.save_model(str(tmp))  # every rank takes part (sharded models); only rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         make_portable(tmp)  # vLLM on transformers 4 loads an adapter's tokenizer too

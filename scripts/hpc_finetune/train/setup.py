@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from hpc_finetune.io.cli import StageError, log
+from hpc_finetune.io.files import write_json
 from hpc_finetune.model.params import count_parameters
+from hpc_finetune.train.control import adapter_into_checkpoints
 from hpc_finetune.train.quantized import keep_trainable, packed_layout_guard, quantization_config
 from hpc_finetune.train.speed import attention_implementation, speed_settings
+from hpc_finetune.train.strategy import SHARDED, deepspeed_config, fsdp_config
 
 
 def resolve_bf16(value: bool | str, preflight: dict) -> bool:
@@ -26,8 +29,28 @@ def resolve_bf16(value: bool | str, preflight: dict) -> bool:
     raise StageError(f"training.bf16 must be true, false or auto, got {value!r}")
 
 
+def strategy_settings(cfg: Any, run_dir: Path, strategy: dict | None) -> dict:
+    """The SFTConfig arguments of the strategy: FSDP through transformers' fsdp/fsdp_config (Accelerate's FSDP
+    plugin), DeepSpeed through a generated ZeRO config (also written to the run directory, deepspeed.json)."""
+    name = (strategy or {}).get("name", "single")
+    if name == "fsdp":
+        return {"fsdp": True, "fsdp_config": fsdp_config(strategy.get("decoder_layer_classes"), cfg.cpu_offload)}
+    if name == "deepspeed":
+        import importlib.util
+
+        if not importlib.util.find_spec("deepspeed"):
+            raise StageError("training.strategy deepspeed needs the deepspeed package, which the pinned stack leaves "
+                             "out (an sdist built against the GPU's CUDA; 0.19.8 builds here with DS_BUILD_OPS=0): "
+                             "install it where training runs, or use training.strategy fsdp")
+        config = deepspeed_config(cfg.zero_stage, cfg.cpu_offload)
+        if int(os.environ.get("RANK", 0)) == 0:
+            write_json(run_dir / "deepspeed.json", config)
+        return {"deepspeed": config}
+    return {}
+
+
 def sft_config(cfg: Any, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: bool, resuming: bool, mode: str,
-               trust_remote_code: bool):
+               trust_remote_code: bool, strategy: dict | None = None):
     """The SFTConfig for the settings: one place that maps the workflow's keys to TRL's."""
     import torch
     from trl import SFTConfig
@@ -79,12 +102,37 @@ def sft_config(cfg: Any, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: bool
         completion_only_loss=mode == "completion_only",
         model_init_kwargs={
             "dtype": torch.bfloat16 if bf16 else torch.float32,
-            "device_map": "cpu" if cpu else {"": int(os.environ.get("LOCAL_RANK", 0))},
+            # FSDP and DeepSpeed place (and shard) the model themselves: no device map
+            **({} if (strategy or {}).get("name") in SHARDED else
+               {"device_map": "cpu" if cpu else {"": int(os.environ.get("LOCAL_RANK", 0))}}),
             "trust_remote_code": trust_remote_code,
             "attn_implementation": attention,
         },
     )
-    return SFTConfig(**{**settings, **speed})
+    return SFTConfig(**{**settings, **speed, **strategy_settings(cfg, run_dir, strategy)})
+
+
+def trainer_class(args, cpu: bool):
+    """SFTTrainer; for FSDP on the CPU (the tests' gloo runs) one that keeps the FSDP plugin: Accelerate turns
+    FSDP on only for accelerator devices and, on the CPU, silently trains plain DDP instead. PyTorch's FSDP2 runs
+    on gloo; the plugin, the wrapping and the sharded checkpoints are Accelerate's and transformers' own."""
+    from trl import SFTTrainer
+
+    if not (cpu and args.fsdp_plugin_args):
+        return SFTTrainer
+
+    class CPUFSDPTrainer(SFTTrainer):
+        def create_accelerator_and_postprocess(self):
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            if state.distributed_type == DistributedType.MULTI_CPU:
+                state.distributed_type = DistributedType.FSDP
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                self.is_fsdp_enabled = True
+
+    return CPUFSDPTrainer
 
 
 def build_trainer(cfg: Any, model_path: str, args, tokenizer, train_ds, eval_ds, callbacks: list):
@@ -95,7 +143,6 @@ def build_trainer(cfg: Any, model_path: str, args, tokenizer, train_ds, eval_ds,
 
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback, PrinterCallback
-    from trl import SFTTrainer
 
     if args.load_best_model_at_end:
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
@@ -108,17 +155,20 @@ def build_trainer(cfg: Any, model_path: str, args, tokenizer, train_ds, eval_ds,
     )
     # transformers' TensorBoardCallback takes its directory from this variable when the trainer is built
     with mock.patch.dict(os.environ, {"TENSORBOARD_LOGGING_DIR": cfg.tensorboard_dir}):
-        trainer = SFTTrainer(
+        trainer = trainer_class(args, args.use_cpu)(
             model=model_path,
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=peft_config,
-            quantization_config=quantization_config(cfg.quantization, args.model_init_kwargs["dtype"]),
+            quantization_config=quantization_config(cfg.quantization, args.model_init_kwargs["dtype"],
+                                                    sharded=bool(args.fsdp or args.deepspeed)),
             callbacks=callbacks,
         )
     trainer.remove_callback(PrinterCallback)  # the Progress callback writes the log lines instead
+    if trainer.is_fsdp_enabled:
+        trainer.add_callback(adapter_into_checkpoints())
     # Before any forward pass: evaluations must not repack 4-bit weights into the CPU layout without a backward.
     if layers := keep_trainable(trainer.model):
         log.info("%d 4-bit layers kept in the trainable layout (no CPU inference repack on evaluation)", layers)
