@@ -9,7 +9,7 @@ import math
 import pytest
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.schema import default
-from hpc_finetune.train.convergence import Schedule, Settings, check, stop_on_non_finite
+from hpc_finetune.train.convergence import Schedule, Settings, broken, check, stop_on_non_finite
 
 S = Settings()  # the schema's defaults: window 5, tolerance 0.01, divergence 0.5, plateau 0.25, patience 3, x10
 TOTAL = 100
@@ -92,6 +92,29 @@ def test_a_non_finite_value_fails_the_run_naming_the_step_and_the_fix(where, val
     result = run(entries)
     assert result["verdict"] == "failed" and status(result, "non_finite") == "failed"
     assert named in result["reasons"][0] and "training.learning_rate" in result["reasons"][0]
+    assert "(1 non-finite value)" in result["reasons"][0]
+
+
+def test_the_first_non_finite_value_is_named_whichever_it_is():
+    entries = history(decaying(), evals={10: 2.0, 20: 1.0})
+    for entry in entries:
+        if entry["step"] >= 9 and "grad_norm" in entry:
+            entry["grad_norm"] = math.nan
+        for key in ("loss", "eval_loss"):
+            if entry["step"] >= 10 and key in entry:
+                entry[key] = math.nan
+    reason = run(entries)["reasons"][0]  # 12 gradient norms, 11 train losses, 2 eval losses
+    assert reason.startswith("gradient norm is nan at step 9 (25 non-finite values)"), reason
+
+
+@pytest.mark.parametrize(("last", "expected"), [
+    ({"loss": 2.0, "grad_norm": math.nan}, True), ({"loss": math.inf, "grad_norm": 1.0}, True),
+    ({"loss": 2.0, "grad_norm": 1.0}, False),
+])
+def test_broken_reads_the_last_train_entry(last, expected):
+    entries = [{"loss": math.nan, "grad_norm": math.nan, "step": 1}, {**last, "step": 2},
+               {"eval_loss": 2.0, "step": 2}, {"train_runtime": 1.0, "step": 2}]
+    assert broken(entries) is expected
 
 
 # --- no improvement ----------------------------------------------------------------------------------------------

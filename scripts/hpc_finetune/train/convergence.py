@@ -86,14 +86,23 @@ def g(value: float) -> str:
 # --- the checks -------------------------------------------------------------------------------------------------
 
 
+NON_FINITE_KEYS = (("loss", "train loss"), ("grad_norm", "gradient norm"), ("eval_loss", "eval loss"))
+
+
 def non_finite(history: list[dict]) -> Check:
-    for key, name in (("loss", "train loss"), ("eval_loss", "eval loss"), ("grad_norm", "gradient norm")):
-        bad = [(step, value) for step, value in series(history, key) if not math.isfinite(value)]
-        if bad:
-            step, value = bad[0]
-            return Check("failed", f"{name} is {value} at step {step} ({len(bad)} non-finite values): the weights "
-                                   f"are broken; {FIX}")
+    bad = sorted((step, order, name, value) for order, (key, name) in enumerate(NON_FINITE_KEYS)
+                 for step, value in series(history, key) if not math.isfinite(value))
+    if bad:
+        step, _, name, value = bad[0]
+        count = f"{len(bad)} non-finite value{'s' if len(bad) > 1 else ''}"
+        return Check("failed", f"{name} is {value} at step {step} ({count}): the weights are broken; {FIX}")
     return Check("ok", "every loss and gradient norm is finite")
+
+
+def broken(history: list[dict]) -> bool:
+    """Whether the last train entry has a non-finite loss or gradient norm (the run stopped there)."""
+    last = next((entry for entry in reversed(history) if "loss" in entry or "grad_norm" in entry), {})
+    return any(isinstance(last.get(k), float) and not math.isfinite(last[k]) for k in ("loss", "grad_norm"))
 
 
 def improvement(losses: list[tuple[int, float]], s: Settings) -> Check:
