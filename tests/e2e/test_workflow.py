@@ -189,6 +189,29 @@ def test_the_demo_preset_takes_a_users_alpaca_json_and_wrong_targets_stop_before
     assert not (run / "logs" / "train.log").exists() and not (run / "adapters").exists()
 
 
+def test_a_diverging_learning_rate_fails_training_with_the_reason_and_nothing_is_merged(tmp_path):
+    """A learning rate of 1e30 overflows the LoRA weights in the first update (on any CPU): the loss is NaN at step
+    2, training stops there, and the train job fails with the convergence check's reason and the fix. No adapter
+    and no metrics/train.json are left to look finished; the verdict is in metrics/train.failed.json; merge never
+    runs."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (tmp_path / "data").symlink_to(REPO / "data")
+    result = run_workflow(tmp_path, "--config", "training__learning_rate=1.0e+30", "training__max_steps=6",
+                          "training__logging_steps=1", check=False)
+    assert result.returncode != 0 and "Error in rule train" in result.stdout + result.stderr
+    run = tmp_path / "results" / "demo"
+    log = (run / "logs" / "train.log").read_text()
+    assert "non-finite train loss or gradient norm at step 2: stopping training" in log
+    assert "the convergence check failed, so no adapter was saved" in log
+    assert "train loss is nan at step 2" in log and "lower training.learning_rate" in log
+    assert "Traceback" not in log and "step 3/6" not in log
+    assert not (run / "adapters").exists() and not (run / "metrics" / "train.json").exists()
+    failed = json.loads((run / "metrics" / "train.failed.json").read_text())
+    assert failed["convergence"]["verdict"] == "failed" and failed["steps"] == 2
+    assert failed["convergence"]["checks"]["non_finite"]["status"] == "failed"
+    assert not (run / "logs" / "merge.log").exists() and not (run / "merged").exists()
+
+
 def test_snakemake_lint_and_snakefmt_are_clean():
     bindir = Path(sys.executable).parent
     lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True)
