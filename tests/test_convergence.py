@@ -195,6 +195,13 @@ def test_eval_loss_rising_while_train_loss_falls_is_overfitting_with_the_best_st
     assert "best 1.2 at step 8" in reason and "to 1.8 at step 20" in reason and "3 evaluations" in reason
 
 
+def test_with_early_stopping_keeping_the_best_adapter_a_later_rise_is_ok():
+    evals = {0: 5.0, 4: 2.0, 8: 1.2, 12: 1.4, 16: 1.6, 20: 1.8}
+    result = check(history(decaying(), evals=evals), Schedule(1e-3, "linear", 0, TOTAL), S, best_kept=True)
+    assert status(result, "overfitting") == "ok" and result["best_step"] == 8
+    assert "early stopping kept the adapter of step 8" in detail(result, "overfitting")
+
+
 @pytest.mark.parametrize(("evals", "expected"), [
     ({0: 5.0, 8: 1.2, 12: 1.4, 16: 1.6}, "ok"),  # only 2 evaluations after the best: patience is 3
     ({0: 5.0, 8: 1.2, 12: 1.21, 16: 1.21, 20: 1.212}, "ok"),  # within 1% of the best: noise

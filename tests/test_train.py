@@ -219,6 +219,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model, chats, tmp_path):
     assert isinstance(m, dict), m
     assert "saving every 2 steps" in log, "save steps aligned with eval steps, as load_best_model_at_end needs"
     assert m["eval_loss_best"] == min(e["eval_loss"] for e in m["log_history"] if "eval_loss" in e)
+    assert m["convergence"]["best_eval_loss"] == m["eval_loss_best"], "the check names the best the trainer kept"
 
 
 @pytest.mark.parametrize("cut", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",

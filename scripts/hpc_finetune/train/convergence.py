@@ -151,7 +151,8 @@ def plateau(losses: list[tuple[int, float]], s: Settings) -> Check:
     return Check("ok", f"still improving in the last {s.plateau_fraction:.0%} ({span}): {g(before)} -> {g(after)}")
 
 
-def overfitting(history: list[dict], losses: list[tuple[int, float]], s: Settings) -> tuple[Check, int | None]:
+def overfitting(history: list[dict], losses: list[tuple[int, float]], s: Settings,
+                best_kept: bool) -> tuple[Check, int | None]:
     evals = series(history, "eval_loss")
     if not evals:
         return Check("skipped", "no evaluations (no eval data)"), None
@@ -166,6 +167,9 @@ def overfitting(history: list[dict], losses: list[tuple[int, float]], s: Setting
     later = [v for step, v in losses if step > best_step]
     then = upto[-1] if upto else (later[0] if later else None)
     train_fell = then is not None and bool(later) and later[-1] < then
+    if last > best * (1 + s.tolerance) and train_fell and best_kept:
+        return Check("ok", f"eval loss rose after its best {g(best)} at step {best_step} (to {g(last)} at step "
+                           f"{last_step}); early stopping kept the adapter of step {best_step}"), best_step
     if last > best * (1 + s.tolerance) and train_fell:
         return Check("warning", f"overfitting: eval loss rose for {len(after)} evaluations after its best {g(best)} "
                                 f"at step {best_step} (to {g(last)} at step {last_step}) while train loss fell "
@@ -218,11 +222,12 @@ def learning_rate(history: list[dict], schedule: Schedule, s: Settings) -> Check
 # --- the verdict -------------------------------------------------------------------------------------------------
 
 
-def check(history: list[dict], schedule: Schedule, settings: Settings) -> dict:
+def check(history: list[dict], schedule: Schedule, settings: Settings, best_kept: bool = False) -> dict:
     """The verdict (ok / warning / failed), the reasons (failed first), the best evaluation's step and loss, and
-    every check's status and detail."""
+    every check's status and detail. best_kept: the best evaluation's adapter is the one saved (early stopping
+    with load_best_model_at_end), so a later rise of the eval loss is no overfitting of the result."""
     finite = [(step, value) for step, value in series(history, "loss") if math.isfinite(value)]
-    over, best_step = overfitting(history, finite, settings)
+    over, best_step = overfitting(history, finite, settings, best_kept)
     checks = {
         "non_finite": non_finite(history),
         "improvement": improvement(finite, settings),

@@ -137,7 +137,8 @@ def check_convergence(trainer, cfg: Any, metrics: dict, settings: convergence.Se
     failed_metrics_path, logs their table and raises StageError with the reasons: no adapter is saved."""
     total = trainer.state.max_steps
     schedule = convergence.Schedule(cfg.learning_rate, cfg.lr_scheduler, trainer.args.get_warmup_steps(total), total)
-    result = metrics["convergence"] = convergence.check(trainer.state.log_history, schedule, settings)
+    result = metrics["convergence"] = convergence.check(trainer.state.log_history, schedule, settings,
+                                                        best_kept=trainer.args.load_best_model_at_end)
     main = trainer.is_world_process_zero()
     failed = failed_metrics_path(cfg.metrics_out)
     if main:
