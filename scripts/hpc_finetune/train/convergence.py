@@ -83,6 +83,10 @@ def g(value: float) -> str:
     return f"{value:.4g}"
 
 
+def n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 # --- the checks -------------------------------------------------------------------------------------------------
 
 
@@ -94,7 +98,7 @@ def non_finite(history: list[dict]) -> Check:
                  for step, value in series(history, key) if not math.isfinite(value))
     if bad:
         step, _, name, value = bad[0]
-        count = f"{len(bad)} non-finite value{'s' if len(bad) > 1 else ''}"
+        count = n(len(bad), "non-finite value")
         return Check("failed", f"{name} is {value} at step {step} ({count}): the weights are broken; {FIX}")
     return Check("ok", "every loss and gradient norm is finite")
 
@@ -107,7 +111,7 @@ def broken(history: list[dict]) -> bool:
 
 def improvement(losses: list[tuple[int, float]], s: Settings) -> Check:
     if len(losses) < 2:
-        return Check("skipped", f"{len(losses)} logged train loss; needs 2 (lower training.logging_steps)")
+        return Check("skipped", f"{n(len(losses), 'logged train loss')}; needs 2 (lower training.logging_steps)")
     (step0, first), rest = losses[0], losses[1:]
     best_step, best = min(rest, key=lambda p: p[1])
     if best > first * (1 - s.tolerance):
@@ -118,7 +122,7 @@ def improvement(losses: list[tuple[int, float]], s: Settings) -> Check:
 
 def divergence(losses: list[tuple[int, float]], s: Settings) -> Check:
     if len(losses) < s.window + 1:
-        return Check("skipped", f"{len(losses)} logged train losses; needs {s.window + 1}")
+        return Check("skipped", f"{n(len(losses), 'logged train loss')}; needs {s.window + 1}")
     head, tail = losses[:-s.window], losses[-s.window:]
     best_step, best = min(head, key=lambda p: p[1])
     limit = best * (1 + s.divergence_ratio)
@@ -138,7 +142,7 @@ def plateau(losses: list[tuple[int, float]], s: Settings) -> Check:
     last_step = losses[-1][0] if losses else 0
     start = next((i for i, (step, _) in enumerate(losses) if step >= last_step * (1 - s.plateau_fraction)), 0)
     if start < s.window - 1 or len(losses) - start < s.window:
-        return Check("skipped", f"{len(losses)} logged train losses; needs {s.window} before and {s.window} in the "
+        return Check("skipped", f"{n(len(losses), 'logged train loss')}; needs {s.window} before and {s.window} in the "
                                 f"last {s.plateau_fraction:.0%} of the steps")
     before = statistics.fmean(v for _, v in losses[start - s.window + 1:start + 1])
     after = statistics.fmean(v for _, v in losses[-s.window:])
@@ -160,7 +164,7 @@ def overfitting(history: list[dict], losses: list[tuple[int, float]], s: Setting
     best_step, best = evals[best_index]
     after = evals[best_index + 1:]
     if len(after) < s.overfit_patience:
-        return Check("ok", f"best eval loss {g(best)} at step {best_step}, {len(after)} evaluations after it"), best_step
+        return Check("ok", f"best eval loss {g(best)} at step {best_step}, {n(len(after), 'evaluation')} after it"), best_step
     last_step, last = after[-1]
     # The train loss when the eval loss was best: the last one logged by then, or the first after (best at step 0).
     upto = [v for step, v in losses if step <= best_step]
@@ -181,7 +185,7 @@ def overfitting(history: list[dict], losses: list[tuple[int, float]], s: Setting
 def grad_spikes(history: list[dict], s: Settings) -> Check:
     norms = series(history, "grad_norm")
     if len(norms) <= s.window:
-        return Check("skipped", f"{len(norms)} logged gradient norms; needs {s.window + 1}")
+        return Check("skipped", f"{n(len(norms), 'logged gradient norm')}; needs {s.window + 1}")
     spikes = []
     for i in range(s.window, len(norms)):
         median = statistics.median(v for _, v in norms[i - s.window:i])
@@ -191,7 +195,7 @@ def grad_spikes(history: list[dict], s: Settings) -> Check:
     if spikes:
         more = f" and {len(spikes) - 3} more" if len(spikes) > 3 else ""
         return Check("warning", f"gradient norm spiked above {g(s.grad_spike_factor)}x its recent median "
-                                f"{len(spikes)} times: {'; '.join(spikes[:3])}{more}; {FIX}")
+                                f"{n(len(spikes), 'time')}: {'; '.join(spikes[:3])}{more}; {FIX}")
     return Check("ok", f"no gradient norm above {g(s.grad_spike_factor)}x the median of the {s.window} before it")
 
 
