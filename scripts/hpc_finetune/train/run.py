@@ -142,8 +142,9 @@ def check_convergence(trainer, cfg: Any, metrics: dict, settings: convergence.Se
     main = trainer.is_world_process_zero()
     failed = failed_metrics_path(cfg.metrics_out)
     if main:
-        for reason in result["reasons"]:
-            log.warning("convergence %s: %s", result["verdict"], reason)
+        for status in ("failed", "warning"):
+            for check in (c for c in result["checks"].values() if c["status"] == status):
+                log.warning("convergence %s: %s", status, check["detail"])
     if result["verdict"] == "failed" and settings.fail_stage:
         if main:
             write_json(failed, metrics)
