@@ -120,10 +120,11 @@ def test_broken_reads_the_last_train_entry(last, expected):
 # --- no improvement ----------------------------------------------------------------------------------------------
 
 
-def test_no_improvement_at_all_fails():
-    result = run(history([4.0, 4.1, 3.99, 4.2, 4.05, 4.0]))
+@pytest.mark.parametrize(("last", "fix"), [(4.0, "raise training.learning_rate"), (4.5, "lower training.learning_rate")])
+def test_no_improvement_at_all_fails_with_the_fix_of_a_flat_or_a_rising_loss(last, fix):
+    result = run(history([4.0, 4.1, 3.99, 4.2, 4.05, last]))
     assert result["verdict"] == "failed" and status(result, "improvement") == "failed"
-    assert "never improved on its first value 4 (step 1)" in result["reasons"][0]
+    assert "never improved on its first value 4 (step 1)" in result["reasons"][0] and fix in result["reasons"][0]
 
 
 @pytest.mark.parametrize(("best", "expected"), [(1.0, "ok"), (1.0000001, "failed")])

@@ -115,8 +115,11 @@ def improvement(losses: list[tuple[int, float]], s: Settings) -> Check:
     (step0, first), rest = losses[0], losses[1:]
     best_step, best = min(rest, key=lambda p: p[1])
     if best > first * (1 - s.tolerance):
+        rose = losses[-1][1] > first * (1 + s.tolerance)
+        fix = FIX if rose else ("raise training.learning_rate, or check the data and training.target_modules (a "
+                                "flat loss)")
         return Check("failed", f"train loss never improved on its first value {g(first)} (step {step0}) by more "
-                               f"than {s.tolerance:.0%}: best {g(best)} at step {best_step}; nothing was learned; {FIX}")
+                               f"than {s.tolerance:.0%}: best {g(best)} at step {best_step}; nothing was learned; {fix}")
     return Check("ok", f"train loss {g(first)} (step {step0}) -> best {g(best)} (step {best_step})")
 
 
