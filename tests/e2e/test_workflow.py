@@ -45,6 +45,9 @@ def test_the_model_learned(run_dir):
     assert train["quantization"] == "4bit" and train["device"] == "cpu"
     assert train["eval_loss_first"] / train["eval_loss_last"] >= 5, train
     assert train["train_loss_last"] < 0.2, train  # ~0.02 measured; 2.7 when the 4-bit base dropped its gradient
+    convergence = train["convergence"]  # measured: best eval at step 440 of 480, every check ok
+    assert convergence["verdict"] == "ok" and convergence["reasons"] == [], convergence
+    assert convergence["best_eval_loss"] == min(e["eval_loss"] for e in train["log_history"] if "eval_loss" in e)
     evaluation = metrics(run_dir, "evaluate")
     assert evaluation["finetuned_eval_loss"] <= 0.2 * evaluation["base_eval_loss"], evaluation
     assert evaluation["train_exact_match"] >= 0.75, evaluation  # greedy answers reproduce trained answers
@@ -74,6 +77,7 @@ def test_the_manifest_covers_every_artifact_with_its_sha256(run_dir):
                 "train_wall_time_s", "peak_memory"):
         assert m[key] is not None, key
     assert m["train_loss_last"] < m["train_loss_first"] and m["steps"] > 0 and m["tokens"] > 0
+    assert m["convergence"]["verdict"] == "ok" and "convergence" in (run_dir / "logs" / "summary.log").read_text()
     assert manifest["versions"]["trl"] and manifest["model"]["source"] == "demo"
 
 
