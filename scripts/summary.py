@@ -56,6 +56,8 @@ def main(cfg: Config) -> dict:
         ("steps / tokens", f"{metrics['steps']} / {metrics['tokens']}"),
         ("train wall time", f"{fmt(metrics['train_wall_time_s'])} s"),
         ("peak memory", metrics["peak_memory"]),
+        ("convergence", metrics["convergence"]["verdict"]),
+        *(("  reason", reason) for reason in metrics["convergence"]["reasons"] or ()),
     ]
     rows += [(k, fmt(metrics[k])) for k in ("merge_max_abs_logit_diff", "train_exact_match", "eval_exact_match")
              if k in metrics]

@@ -17,7 +17,8 @@ the model and write sharded checkpoints, and the adapter is gathered once to be 
 
 The library (hpc_finetune.train): data (rows, loss masking), setup (SFTConfig, the trainer, 4-bit layers kept
 trainable), fingerprint (settings, data, model, device and this program's code), control (checkpoints, progress,
-signals), speed (the speed levers), run (train or resume, save the adapter whole, the metrics).
+signals), speed (the speed levers), convergence (the verdict on the training history; a failed one stops the
+stage before the adapter is saved), run (train or resume, save the adapter whole, the metrics).
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.cli import StageError, cli, log
 from hpc_finetune.io.files import write_json
 from hpc_finetune.io.schema import option
 from hpc_finetune.train.control import progress_callback, stop_on_signal
+from hpc_finetune.train.convergence import Settings, stop_on_non_finite
 from hpc_finetune.train.run import (
     adapter_snapshot,
+    check_convergence,
     evaluate_last_step,
     final_metrics,
     max_abs_change,
+    metrics_table,
     prepare,
     run_training,
     save_adapter,
@@ -89,6 +93,7 @@ class Config:
     torch_compile: bool = option("training.torch_compile")
     liger_kernels: bool = option("training.liger_kernels")
     dataloader_pin_memory: bool = option("training.dataloader_pin_memory")
+    convergence: dict = option("training.convergence")
 
 
 def main(cfg: Config, callbacks: tuple = ()) -> dict:
@@ -100,6 +105,7 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    checks = Settings.of(cfg.convergence)
     run = prepare(cfg, __file__)
     args = sft_config(cfg, run.dir, cpu=run.device != "cuda", bf16=run.bf16, has_eval=run.eval_ds is not None,
                       resuming=run.resume is not None, mode=run.mode, trust_remote_code=run.trust_remote_code,
@@ -107,7 +113,7 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
     progress = progress_callback()
     with stop_on_signal() as stopper:
         trainer = build_trainer(cfg, run.path, args, run.tokenizer, run.train_ds, run.eval_ds,
-                                [progress, *callbacks, stopper])
+                                [progress, *callbacks, stopper, stop_on_non_finite()])
         trainable, total = check_trainable(trainer)
         if run.rank == 0:
             log.info("\n%s", setup_table(cfg, run, trainable, total))
@@ -121,14 +127,15 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
         evaluate_last_step(trainer)
 
     change = max_abs_change(trainer.model, before)
+    metrics = final_metrics(cfg, run, trainer, started=started, seconds=seconds, tokens=tokens, trainable=trainable,
+                            total=total, change=change)
+    check_convergence(trainer, cfg, metrics, checks)  # a failed verdict stops here: no adapter is saved
     if change == 0:
         raise StageError("training finished but the adapter weights did not change: nothing was learned")
     save_adapter(trainer, cfg.output_dir)
-    metrics = final_metrics(cfg, run, trainer, started=started, seconds=seconds, tokens=tokens, trainable=trainable,
-                            total=total, change=change)
     if trainer.is_world_process_zero():
         write_json(cfg.metrics_out, metrics)
-        log.info("\n%s", table([(k, v) for k, v in metrics.items() if k != "log_history"], "Training summary"))
+        log.info("\n%s", metrics_table(metrics))
     return metrics
 
 

@@ -60,6 +60,8 @@ def test_flat_and_nested_overrides_as_snakemake_passes_them():
     cfg = resolve_config(DEMO | {"training": {"lora_r": "4", "bf16": "false", "packing": "true"}})
     assert cfg["training"]["lora_r"] == 4 and cfg["training"]["bf16"] is False and cfg["training"]["packing"] is True
     assert expand_dotted({"a.b": 1, "a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+    convergence = resolve_config(DEMO | {"training__convergence__window": "3"})["training"]["convergence"]
+    assert convergence["window"] == 3 and convergence["tolerance"] == 0.01, "the other keys keep their defaults"
 
 
 @pytest.mark.parametrize(
@@ -89,6 +91,9 @@ def test_flat_and_nested_overrides_as_snakemake_passes_them():
         ({"hub_upload": {"repo_id": "lab/x", "publish": ["merged"]}, "merge": {"merge_full_weights": False}},
          "hub_upload.publish: [merged] with merge.merge_full_weights false publishes nothing"),
         ({"dataset": {"revision": "../up"}}, "dataset.revision: '../up' does not match"),
+        ({"training": {"convergence": {"window": 1}}}, "training.convergence.window: 1 is less than the minimum of 2"),
+        ({"training": {"convergence": {"windw": 3}}},
+         "unknown key 'windw' (did you mean 'window'?) under training.convergence"),
     ],
 )
 def test_invalid_config_names_the_key_and_the_allowed_values(override, expected):

@@ -6,6 +6,7 @@ inspect QLoRA training, the adapter, the metrics and resuming. The other runs ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from hpc_finetune.train import control as train_control
 from hpc_finetune.train import data as train_data
 from hpc_finetune.train import fingerprint
 from hpc_finetune.train import setup as train_setup
-from hpc_finetune.train.run import PATH_FIELDS
+from hpc_finetune.train.run import PATH_FIELDS, failed_metrics_path
 from support.common import DEMO_DATA
 from support.train_stage import STEPS, STOP_AT, make_config
 from transformers import TrainerCallback
@@ -153,6 +154,41 @@ def test_rerun_of_a_finished_run_trains_nothing(qlora):
     assert all(torch.equal(again[k].float(), v.float()) for k, v in weights.items())
 
 
+def test_the_convergence_verdict_covers_the_whole_resumed_run(qlora):
+    verdict = qlora["metrics"]["convergence"]
+    assert verdict["verdict"] in ("ok", "warning") and verdict["best_step"] == STEPS, verdict
+    checks = verdict["checks"]
+    assert checks["non_finite"]["status"] == checks["improvement"]["status"] == "ok", checks
+    assert "(step 1) -> best" in checks["improvement"]["detail"], "the first session's steps are judged too"
+    assert checks["learning_rate"]["status"] == "ok", "the schedule went on where the stopped session left it"
+    assert f"at {STEPS} logged steps" in checks["learning_rate"]["detail"]
+    assert "convergence" in qlora["log"] and f"{verdict['verdict']} (best eval at step {STEPS})" in qlora["log"]
+    assert not failed_metrics_path(qlora["cfg"].metrics_out).exists()
+
+
+def test_a_changed_threshold_rechecks_the_finished_run_without_training(qlora, tiny_model, chats, tmp_path):
+    """training.convergence is left out of the fingerprint: the finished run's checkpoint is judged again. A failed
+    verdict stops the stage with its reason and no adapter, its metrics next to metrics_out; fail_stage false saves
+    the adapter and reports it."""
+    strict = {"tolerance": 0.999}  # the train loss must fall by 99.9%: it cannot in 8 steps
+    cfg = make_config(tiny_model, tmp_path / "strict", chats[:32], chats[32:], convergence=strict,
+                      checkpoint_root=qlora["cfg"].checkpoint_root)
+    result, log, steps = run(cfg)
+    assert isinstance(result, StageError) and steps == 0 and "nothing left to train" in log
+    assert "convergence check failed, so no adapter was saved" in str(result)
+    assert "train loss never improved on its first value" in str(result) and "training.learning_rate" in str(result)
+    assert not Path(cfg.output_dir).exists() and not Path(cfg.metrics_out).exists()
+    failed = read_json(failed_metrics_path(cfg.metrics_out))
+    assert failed["convergence"]["verdict"] == "failed" and failed["steps"] == STEPS
+    assert str(failed_metrics_path(cfg.metrics_out)) in str(result)
+    cfg = dataclasses.replace(cfg, convergence={**strict, "fail_stage": False})
+    metrics, log, steps = run(cfg)
+    assert isinstance(metrics, dict) and steps == 0 and metrics["convergence"]["verdict"] == "failed"
+    assert (Path(cfg.output_dir) / "adapter_model.safetensors").is_file()
+    assert not failed_metrics_path(cfg.metrics_out).exists(), "the failed attempt's metrics are gone"
+    assert "convergence failed: train loss never improved" in log
+
+
 def test_changed_setting_does_not_resume(qlora, tiny_model, chats, tmp_path):
     cfg = make_config(tiny_model, tmp_path, chats[:32], chats[32:], learning_rate=5e-3,
                       checkpoint_root=qlora["cfg"].checkpoint_root)
@@ -183,6 +219,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model, chats, tmp_path):
     assert isinstance(m, dict), m
     assert "saving every 2 steps" in log, "save steps aligned with eval steps, as load_best_model_at_end needs"
     assert m["eval_loss_best"] == min(e["eval_loss"] for e in m["log_history"] if "eval_loss" in e)
+    assert m["convergence"]["best_eval_loss"] == m["eval_loss_best"], "the check names the best the trainer kept"
 
 
 @pytest.mark.parametrize("cut", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",

@@ -45,6 +45,9 @@ def test_the_model_learned(run_dir):
     assert train["quantization"] == "4bit" and train["device"] == "cpu"
     assert train["eval_loss_first"] / train["eval_loss_last"] >= 5, train
     assert train["train_loss_last"] < 0.2, train  # ~0.02 measured; 2.7 when the 4-bit base dropped its gradient
+    convergence = train["convergence"]  # measured: best eval at step 440 of 480, every check ok
+    assert convergence["verdict"] == "ok" and convergence["reasons"] == [], convergence
+    assert convergence["best_eval_loss"] == min(e["eval_loss"] for e in train["log_history"] if "eval_loss" in e)
     evaluation = metrics(run_dir, "evaluate")
     assert evaluation["finetuned_eval_loss"] <= 0.2 * evaluation["base_eval_loss"], evaluation
     assert evaluation["train_exact_match"] >= 0.75, evaluation  # greedy answers reproduce trained answers
@@ -74,6 +77,7 @@ def test_the_manifest_covers_every_artifact_with_its_sha256(run_dir):
                 "train_wall_time_s", "peak_memory"):
         assert m[key] is not None, key
     assert m["train_loss_last"] < m["train_loss_first"] and m["steps"] > 0 and m["tokens"] > 0
+    assert m["convergence"]["verdict"] == "ok" and "convergence" in (run_dir / "logs" / "summary.log").read_text()
     assert manifest["versions"]["trl"] and manifest["model"]["source"] == "demo"
 
 
@@ -187,6 +191,29 @@ def test_the_demo_preset_takes_a_users_alpaca_json_and_wrong_targets_stop_before
     assert "training.target_modules: 'no_such_proj' match no module of the model" in preflight_log
     assert "q_proj" in preflight_log and "Traceback" not in preflight_log
     assert not (run / "logs" / "train.log").exists() and not (run / "adapters").exists()
+
+
+def test_a_diverging_learning_rate_fails_training_with_the_reason_and_nothing_is_merged(tmp_path):
+    """A learning rate of 1e30 overflows the LoRA weights in the first update (on any CPU): the loss is NaN at step
+    2, training stops there, and the train job fails with the convergence check's reason and the fix. No adapter
+    and no metrics/train.json are left to look finished; the verdict is in metrics/train.failed.json; merge never
+    runs."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (tmp_path / "data").symlink_to(REPO / "data")
+    result = run_workflow(tmp_path, "--config", "training__learning_rate=1.0e+30", "training__max_steps=6",
+                          "training__logging_steps=1", check=False)
+    assert result.returncode != 0 and "Error in rule train" in result.stdout + result.stderr
+    run = tmp_path / "results" / "demo"
+    log = (run / "logs" / "train.log").read_text()
+    assert "non-finite train loss or gradient norm at step 2: stopping training" in log
+    assert "the convergence check failed, so no adapter was saved" in log
+    assert "train loss is nan at step 2" in log and "lower training.learning_rate" in log
+    assert "Traceback" not in log and "step 3/6" not in log
+    assert not (run / "adapters").exists() and not (run / "metrics" / "train.json").exists()
+    failed = json.loads((run / "metrics" / "train.failed.json").read_text())
+    assert failed["convergence"]["verdict"] == "failed" and failed["steps"] == 2
+    assert failed["convergence"]["checks"]["non_finite"]["status"] == "failed"
+    assert not (run / "logs" / "merge.log").exists() and not (run / "merged").exists()
 
 
 def test_snakemake_lint_and_snakefmt_are_clean():

@@ -85,6 +85,7 @@ def load_metrics(run_dir: Path) -> dict:
         "peak_memory": train.get("peak_memory"),
         "trainable_params": train.get("trainable_params"),
         "resumed_from": train.get("resumed_from"),
+        "convergence": {k: (train.get("convergence") or {}).get(k) for k in ("verdict", "reasons", "best_step")},
     }
     if merge:
         metrics["merge_max_abs_logit_diff"] = merge.get("max_abs_logit_diff")

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from hpc_finetune.io.cli import StageError, log, table
-from hpc_finetune.io.files import read_json
+from hpc_finetune.io.files import read_json, write_json
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.model.portable import make_portable
+from hpc_finetune.train import convergence
 from hpc_finetune.train import fingerprint as fingerprints
 from hpc_finetune.train import strategy as strategies
 from hpc_finetune.train.control import find_resume_checkpoint, first_last, load_checkpoint, run_finished
@@ -27,6 +28,9 @@ PATH_FIELDS = (
     "model_json", "train_data", "eval_data", "preflight", "output_dir", "metrics_out", "checkpoint_root",
     "tensorboard_dir",
 )
+# Config fields that judge the run, not what is trained: left out of the fingerprint too, so that a changed
+# threshold re-checks a finished run (its checkpoint's history) instead of training it again.
+CHECK_FIELDS = ("convergence",)
 
 
 @dataclass
@@ -91,7 +95,7 @@ def prepare(cfg: Any, program: str | Path) -> Run:
     mode = loss_mode(fmt, tokenizer, cfg.assistant_only_loss)
     strategy = train_strategy(cfg, preflight, device, world_size)
     # a sharded checkpoint resumes only under the strategy that wrote it: the resolved one is part of the settings
-    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS} | {"strategy": strategy["name"]}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + CHECK_FIELDS} | {"strategy": strategy["name"]}
     covered = fingerprints.parts(settings, cfg.train_data, cfg.eval_data, record, device, bf16, world_size, program)
     fp = fingerprints.fingerprint(covered)
     root = Path(cfg.checkpoint_root)
@@ -161,6 +165,48 @@ def final_metrics(cfg: Any, run: Run, trainer, *, started: float, seconds: float
     }
 
 
+def failed_metrics_path(metrics_out: str | Path) -> Path:
+    """Where the metrics of a run that failed its convergence check go: next to metrics_out, not it (Snakemake
+    removes a failed job's declared outputs)."""
+    out = Path(metrics_out)
+    return out.with_name(f"{out.stem}.failed{out.suffix}")
+
+
+def check_convergence(trainer, cfg: Any, metrics: dict, settings: convergence.Settings) -> None:
+    """The convergence verdict on the whole history (a resumed run's holds the earlier sessions' steps) into
+    metrics["convergence"], its reasons logged. A failed verdict (with fail_stage) writes the metrics to
+    failed_metrics_path, logs their table and raises StageError with the reasons: no adapter is saved."""
+    total = trainer.state.max_steps
+    schedule = convergence.Schedule(cfg.learning_rate, cfg.lr_scheduler, trainer.args.get_warmup_steps(total), total)
+    result = metrics["convergence"] = convergence.check(trainer.state.log_history, schedule, settings,
+                                                        best_kept=trainer.args.load_best_model_at_end)
+    main = trainer.is_world_process_zero()
+    failed = failed_metrics_path(cfg.metrics_out)
+    if main:
+        for status in ("failed", "warning"):
+            for check in (c for c in result["checks"].values() if c["status"] == status):
+                log.warning("convergence %s: %s", status, check["detail"])
+    if result["verdict"] == "failed" and settings.fail_stage:
+        if main:
+            write_json(failed, metrics)
+            log.info("\n%s", metrics_table(metrics))
+        reasons = "\n  - ".join(result["reasons"])
+        raise StageError(f"the convergence check failed, so no adapter was saved (the run's metrics and verdict: "
+                         f"{failed}; training.convergence.fail_stage false only reports it):\n  - {reasons}")
+    if main:
+        failed.unlink(missing_ok=True)  # a failed earlier attempt's
+
+
+def metrics_table(metrics: dict) -> str:
+    """The train log's closing table: every metric but the history, and the convergence verdict with its reasons."""
+    rows = [(k, v) for k, v in metrics.items() if k not in ("log_history", "convergence")]
+    if result := metrics.get("convergence"):
+        rows.append(("convergence", result["verdict"] + (f" (best eval at step {result['best_step']})"
+                                                         if result["best_step"] is not None else "")))
+        rows += [("  reason", reason) for reason in result["reasons"]]
+    return table(rows, "Training summary")
+
+
 def run_training(trainer, resume: Path | None, progress) -> tuple[float, int]:
     """Train (or resume); return the seconds and tokens of this session."""
     if resume and run_finished(resume):
@@ -176,6 +222,8 @@ def evaluate_last_step(trainer) -> None:
     """Evaluate the final adapter when the last evaluation came before the last step, so that the metrics show
     the eval loss before and after training."""
     evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    if convergence.broken(trainer.state.log_history):
+        return  # stopped at a non-finite loss or gradient: the weights are broken, the convergence check says so
     if trainer.eval_dataset is not None and (not evaluated or evaluated[-1] < trainer.state.global_step):
         trainer.evaluate()
 

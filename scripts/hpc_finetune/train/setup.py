@@ -84,6 +84,7 @@ def sft_config(cfg: Any, run_dir: Path, *, cpu: bool, bf16: bool, has_eval: bool
         optim=cfg.optim,
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # True logs a NaN run's loss as 0.0 once every step is NaN
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
         eval_on_start=has_eval and not resuming,  # the baseline eval loss; a resumed run has it in its history
