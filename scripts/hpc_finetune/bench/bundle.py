@@ -42,7 +42,7 @@ EXTRA = ("liger-kernel==0.8.5",)
 DEPENDENCIES = (
     # datasets, huggingface-hub
     "dill==0.4.1", "multiprocess==0.70.19", "fsspec==2026.9.0", "httpx2==2.16.2", "httpcore2==2.16.2",
-    "truststore==0.10.5",
+    "truststore==0.10.5", "anyio==4.16.0", "idna==3.20", "h11==0.16.0",
     # snakemake
     "packaging==25.0", "platformdirs==4.14.9", "immutables==0.21", "configargparse==1.9.0", "connection-pool==0.0.3",
     "docutils==0.22.4", "gitpython==3.2.1", "gitdb==4.0.12", "smmap==5.0.3", "humanfriendly==10.0",

@@ -9,7 +9,7 @@ machine lent for minutes, each step bounded in time and writing its figures as J
     d  bench.py merge, 8B bf16: streaming merge vs peft, time and peak host RSS (on the CPU)  -> d.json
     e  the seed workflow's quick test: 500 medical-Q&A-shaped rows x 1 epoch, train stage     -> e.json
 
-Order: 0, m, then a and d side by side (a barely uses the GPU, d only the CPU), b, e, c. Each step runs in its own
+Order: 0, m, then a and d side by side (a barely uses the GPU, d only the CPU), b, e, c (PHASES). Each step runs in its own
 process group with a time cap (Sizes.caps) and never past the overall budget; c comes last and takes what is
 left, lever after lever (bench.py rewrites its JSON after each run, so a cut keeps what was measured). A step that
 fails or times out gets its status and the tail of its log in its JSON; the others still run. The dry mode
@@ -35,7 +35,10 @@ from hpc_finetune.io.files import write_json
 TOOL = REPO / "scripts" / "tools" / "gpu_check.py"
 STEPS = ("a", "b", "c", "d", "e")
 NEEDS_MODEL = ("b", "c", "d", "e")
-PHASES = (("m",), ("a", "d"), ("b",), ("e",), ("c",))  # steps of a phase run side by side
+# Steps of a phase run side by side. On the GPU only a (hardly any GPU work) and d (CPU only) share a phase, so
+# that b, c and e time the GPU alone; the dry run, whose figures time nothing, uses both cores.
+PHASES = (("m",), ("a", "d"), ("b",), ("e",), ("c",))
+DRY_PHASES = (("m",), ("a", "d", "b"), ("e", "c"))  # b and c share bench.py's work folder: never together
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ DRY = Sizes(
        "gradient-checkpointing": "true"},
     c={"steps": 3, "warmup": 1, "micro-batch-size": 4, "gradient-accumulation": 1, "max-seq-length": 64,
        "gradient-checkpointing": "true"},
-    c_levers=("padding-free",),
-    e_rows=24, e_eval_rows=4, e_mean_tokens=48,
+    c_levers=("liger", "padding-free"),  # Liger: the listing of a lever that needs a GPU
+    e_rows=24, e_eval_rows=4, e_mean_tokens=80,
     e_config={"resources__gpus": 0, "resources__cpus_per_gpu": 1, "training__optim": "adamw_torch",
               "training__micro_batch_size": 4, "training__gradient_accumulation": 2, "training__logging_steps": 1},
 )
@@ -286,7 +289,7 @@ def run_check(args) -> dict:
             "levers": [asdict(lv) for lv in chosen],
             "lever_skips": {lv.name: lever_skip_reason(lv, args.dry) for lv in chosen}}
     results: dict[str, dict] = {}
-    for phase in PHASES:
+    for phase in DRY_PHASES if args.dry else PHASES:
         steps = [s for s in phase if s in only or (s == "m" and any(x in only for x in NEEDS_MODEL))]
         running = []
         for name in steps:
