@@ -5,6 +5,7 @@ the device tool carries; the printed `run` call."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -196,3 +197,29 @@ def test_plan_prints_the_call_and_the_sizes():
         assert '"timeout_s": 560' in proc.stdout
     else:
         assert proc.returncode == 1 and "make gpu-bundle" in proc.stdout
+
+
+def test_the_bundle_installs_into_a_site_folder_and_reports_unmet_requirements(tmp_path):
+    """bundle.install as the GPU machine runs it (no index, no deps, --target), on a wheel made here; then the
+    requirement check sees the installed package's needs that this environment does not meet."""
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    dist = "gcprobe-1.0.dist-info"
+    files = {"gcprobe/__init__.py": "VALUE = 42\n",
+             f"{dist}/METADATA": "Metadata-Version: 2.1\nName: gcprobe\nVersion: 1.0\nRequires-Dist: torch>=99\n"
+                                 "Requires-Dist: packaging\nRequires-Dist: nothere-pkg\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(folder / "gcprobe-1.0-py3-none-any.whl", "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+        zf.writestr(f"{dist}/RECORD", "".join(f"{n},,\n" for n in files) + f"{dist}/RECORD,,\n")
+    site = tmp_path / "site"
+    report = bundle.install(folder, site, timeout=120)
+    assert report["wheels"] == 1 and (site / "gcprobe" / "__init__.py").is_file()
+    code = "import json, gcprobe; from hpc_finetune.bench.bundle import unmet_requirements as u; " \
+           "print(json.dumps([gcprobe.VALUE, u(['gcprobe'])]))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{site}:{SCRIPTS}"})
+    value, unmet = json.loads(proc.stdout)
+    assert value == 42 and len(unmet) == 2, unmet
+    assert unmet[0].startswith("gcprobe needs torch>=99: have ") and unmet[1] == "gcprobe needs nothere-pkg: missing"

@@ -19,6 +19,7 @@ output folder (the device tool brings back no more): env, a-e and summary.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -281,6 +282,9 @@ def run_check(args) -> dict:
         raise SystemExit(f"--only takes steps among {', '.join(STEPS)}, got {args.only}")
     env_report = install_step(args, sizes, work)
     site = Path(env_report["install"]["site"]) if env_report["install"].get("site") else None
+    if site:  # this process too decides with the bundle in view (which levers can run)
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
     env = step_env(site, work)
     env_report.update(probe_environment(env))
     write_json(out / "env.json", env_report)
@@ -373,3 +377,6 @@ def print_summary(summary: dict) -> None:
         print("  ".join(f"{str(c):<{w}}" for c, w in zip(row, width, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in width))
+    for name, step in summary["steps"].items():  # why, for a step that did not pass (its JSON has its log's tail)
+        if step["status"] != "ok":
+            print(f"{name}: {step['status']}: {'; '.join(step.get('problems') or []) or step.get('reason') or ''}")
