@@ -1,6 +1,7 @@
 r"""The GPU check: one prepared run that proves the stack on a GPU machine lent for minutes (issue 18, part 1).
 
     python scripts/tools/gpu_check.py bundle             # here: the wheels the GPU machine lacks -> .gpu-bundle/
+    python scripts/tools/gpu_check.py bundle DIR 3.11    # the same for this Python, to rehearse the install here
     python scripts/tools/gpu_check.py plan               # here: size check (tree + bundle <= 64 MiB), the run call
     python3 scripts/tools/gpu_check.py [--budget 500]    # there: install the bundle, run steps a-e -> $OUT/*.json
     python scripts/tools/gpu_check.py --dry              # here: every step's plumbing on the CPU, small sizes
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run_step(argv[1], json.loads(argv[2]))
         return 0
-    if argv[:1] == ["bundle"]:
+    if argv[:1] == ["bundle"]:  # bundle [FOLDER [PYTHON_VERSION]]
         folder = Path(argv[1] if len(argv) > 1 else bundle.REPO / bundle.BUNDLE_DIR)
-        report = bundle.build(folder)
+        report = bundle.build(folder, *argv[2:3])
         print(f"{len(report['wheels'])} wheels, {report['bytes'] / 2**20:.1f} MiB in {folder}")
         return plan(argparse.Namespace(bundle=str(folder)))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
