@@ -276,6 +276,8 @@ def run_check(args) -> dict:
     out = Path(args.out or os.environ.get("OUT") or REPO / "results" / "gpu-check")
     work = Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("env", *STEPS, "summary"):  # no figure of an earlier check may pass for this one's
+        (out / f"{name}.json").unlink(missing_ok=True)
     (work / "steps").mkdir(parents=True, exist_ok=True)
     only = [s.strip() for s in args.only.split(",")] if args.only else list(STEPS)
     if any(s not in STEPS for s in only):
