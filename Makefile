@@ -5,6 +5,8 @@
 #             `snakemake --profile slurm` works as written, from any project directory
 # make bench  our train stage vs a plain TRL+PEFT baseline (8B architecture on a GPU, the tiny model on the CPU);
 #             BENCH_ARGS="--preset mistral-7b" picks another; scripts/tools/bench.py merge|workflow for the others
+# make gpu-bundle  the wheels the GPU check carries to a GPU machine (.gpu-bundle/, ignored) and the call to make
+# make gpu-check   the GPU check (scripts/tools/gpu_check.py, README "Performance"); DRY=1 runs its plumbing on the CPU
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +18,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint bench clean install-profile
+.PHONY: env demo test lint bench gpu-bundle gpu-check clean install-profile
 
 PACKAGE := $(VENV)/.package
 
@@ -48,6 +50,15 @@ test: $(STAMP) $(PACKAGE)
 BENCH_ARGS ?=
 bench: $(STAMP) $(PACKAGE)
 	$(BIN)/python scripts/tools/bench.py train $(BENCH_ARGS)
+
+gpu-bundle: $(STAMP) $(PACKAGE)
+	$(BIN)/python scripts/tools/gpu_check.py bundle
+
+# No environment to create on the GPU machine (no network there): its python3, the bundle installed by the tool.
+GPU_CHECK_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_CHECK_PYTHON) scripts/tools/gpu_check.py $(if $(DRY),--dry) $(GPU_CHECK_ARGS)
 
 lint: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --lint

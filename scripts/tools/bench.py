@@ -12,7 +12,9 @@ gradient accumulation, sequence length, quantization, LoRA, learning rate, preci
 TRL's defaults for everything else. Each runs in its own process. The first `warmup` steps are not timed. Printed
 and written as JSON: tokens/s (non-padding tokens), step time, peak GPU memory (peak RSS on the CPU), estimated MFU
 (6 * parameters * tokens/s over the device's peak dense bf16 FLOP/s; on the CPU over a measured fp32 matmul rate),
-and our ratio to the baseline. Without a GPU the preset is the demo's tiny model, so it always runs.
+and our ratio to the baseline. Without a GPU the preset is the demo's tiny model, so it always runs. The JSON is
+rewritten after each run, so a killed benchmark leaves what it measured (`complete: false`); with --keep-going a
+failed --variant run is recorded under `failed` and the others still run.
 
 merge: builds a random Llama (~1.1B parameters by default, bfloat16, sharded) and a LoRA adapter, then merges it
 in two child processes, peft (load, merge_and_unload, save_pretrained) and the streaming merge; reports
@@ -61,10 +63,14 @@ def main(argv: list[str] | None = None) -> Any:
                     help="override one of our stage's training keys (e.g. padding_free=false)")
     tr.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="also run ours with these keys changed (a lever measured against the defaults)")
+    tr.add_argument("--keep-going", action="store_true",
+                    help="a failed --variant run is recorded as failed and the others still run")
+    tr.add_argument("--child-timeout", type=float, help="seconds one run may take before it is killed")
     tr.add_argument("--work", default="results/bench")
     tr.add_argument("--out", default="results/bench/train.json")
     mg = sub.add_parser("merge", help="streaming merge vs peft merge_and_unload (CPU)")
     mg.add_argument("--arch", default="tinyllama-1.1b", choices=sorted(ARCHS))
+    mg.add_argument("--base", help="merge into this model directory (bf16 safetensors) instead of building one")
     mg.add_argument("--max-shard-size", default="1GB")
     mg.add_argument("--methods", nargs="+", default=["peft", "streaming"])
     mg.add_argument("--work", default="results/bench")

@@ -60,11 +60,15 @@ def make_random_adapter(base: Path, out: Path, r: int = 16) -> Path:
 
 def bench_merge(args) -> dict:
     root = Path(args.work)
-    base = build_random_model(args.arch, root / "models" / f"{args.arch}-bf16", None, "bfloat16")
+    base = Path(args.base) if getattr(args, "base", None) else build_random_model(
+        args.arch, root / "models" / f"{args.arch}-bf16", None, "bfloat16")
     adapter = make_random_adapter(base, root / f"merge-{args.arch}" / "adapter")
     shards = sorted(base.glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards)
     rows = {}
+    report = {"benchmark": "merge", "arch": args.arch, "base": str(base), "dtype": "bfloat16", "device": "cpu",
+              "weights_bytes": weights_bytes(base), "shards": len(shards),
+              "largest_shard_bytes": largest, "max_shard_size": args.max_shard_size, "results": rows}
     for method in args.methods:
         out = root / f"merge-{args.arch}" / f"merged-{method}"
         shutil.rmtree(out, ignore_errors=True)
@@ -77,10 +81,7 @@ def bench_merge(args) -> dict:
         rows[method] = {"wall_s": wall, "peak_rss_mb": rss, "peak_rss_over_largest_shard": rss * 2**20 / largest,
                         "merge_s": json.loads(result.read_text())["inner_s"]}
         shutil.rmtree(out, ignore_errors=True)
-    report = {"benchmark": "merge", "arch": args.arch, "dtype": "bfloat16", "device": "cpu",
-              "weights_bytes": weights_bytes(base), "shards": len(shards),
-              "largest_shard_bytes": largest, "max_shard_size": args.max_shard_size, "results": rows,
-              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(args.out, {**report, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})  # so far
     header = f"{'method':<11}{'merge s':>9}{'process s':>11}{'peak RSS MB':>13}{'x largest shard':>17}"
     lines = [f"merge benchmark: random {args.arch}, {report['weights_bytes'] / 1e9:.2f} GB bf16 in {len(shards)}"
              f" shards (largest {largest / 1e9:.2f} GB)", header, "-" * len(header)]

@@ -65,11 +65,15 @@ def device_info(threads: int) -> dict:
             "peak_source": "measured fp32 1024x1024 matmul"}
 
 
-def run_child(args: list[str], env: dict | None = None) -> tuple[int, float]:
-    """Run a child Python process; return its exit status and wall seconds. The child reports its own peak RSS
-    (peak_rss_mb): its rusage would not do, Linux counts the parent's resident set at fork/exec into ru_maxrss."""
+def run_child(args: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int | None, float]:
+    """Run a child Python process; return its exit status (None when it ran past `timeout` seconds and was killed)
+    and wall seconds. The child reports its own peak RSS (peak_rss_mb): its rusage would not do, Linux counts the
+    parent's resident set at fork/exec into ru_maxrss."""
     start = time.perf_counter()
-    status = subprocess.run([sys.executable, *args], env={**os.environ, **(env or {})}).returncode
+    try:
+        status = subprocess.run([sys.executable, *args], env={**os.environ, **(env or {})}, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        status = None
     return status, time.perf_counter() - start
 
 

@@ -198,38 +198,59 @@ def bench_train(args) -> dict:
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
     info = device_info(args.threads)
     runs: dict[str, list[dict]] = {kind: [] for kind in ("baseline", *spec["variants"])}
+    failed: dict[str, str] = {}
+    head = {"benchmark": "train", "preset": preset, "model": str(model), **info, "steps": args.steps,
+            "warmup_steps": args.warmup, "repeats": args.repeats, "bf16": bf16, "threads": args.threads,
+            "settings": {k: settings[k] for k in ("micro_batch_size", "gradient_accumulation", "max_seq_length",
+                                                  "quantization", "lora_r", "lora_alpha", "target_modules",
+                                                  "gradient_checkpointing", "learning_rate")},
+            "ours_levers": {k: settings.get(k) for k in LEVERS} | spec["variants"]["ours"]}
     for repeat in range(args.repeats):  # interleaved, so that a change of the machine's load hits every kind
         for kind in runs:
+            if kind in failed:
+                continue
             log.info("running %s (%d steps, %d timed; repeat %d of %d)", kind, args.steps, args.steps - args.warmup,
                      repeat + 1, args.repeats)
             out = work / f"{kind.replace('=', '-')}.json"
             out.unlink(missing_ok=True)
             status, wall = run_child([str(BENCH), "_child", kind, str(work / "spec.json"), str(out)],
-                                     {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)})
+                                     {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)},
+                                     timeout=args.child_timeout)
             if status != 0 or not out.is_file():
-                raise SystemExit(f"the {kind} run failed (exit status {status}); see its log above")
+                why = f"timed out after {args.child_timeout} s" if status is None else f"exit status {status}"
+                if not args.keep_going or kind in ("baseline", "ours"):
+                    write_json(args.out, train_report(head, runs, {**failed, kind: why}, complete=False))
+                    raise SystemExit(f"the {kind} run failed ({why}); see its log above")
+                log.error("the %s run failed (%s); going on with the others (--keep-going)", kind, why)
+                failed[kind] = why
+                continue
             runs[kind].append({**json.loads(out.read_text()), "wall_s": wall})
-    results = {}
-    for kind, samples in runs.items():  # the run of median tokens/s stands for the kind
-        ordered = sorted(samples, key=lambda r: r["tokens_per_s"])
-        results[kind] = {**ordered[len(ordered) // 2], "tokens_per_s_all": [r["tokens_per_s"] for r in samples]}
-        params = results[kind]["parameters"]
-        results[kind]["mfu"] = (6 * params * results[kind]["tokens_per_s"] / info["peak_flops"]
-                                if info["peak_flops"] else None)
-    ratio = results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
-    report = {"benchmark": "train", "preset": preset, "model": str(model), **info, "steps": args.steps,
-              "warmup_steps": args.warmup, "repeats": args.repeats, "bf16": bf16, "threads": args.threads,
-              "settings": {k: settings[k] for k in ("micro_batch_size", "gradient_accumulation", "max_seq_length",
-                                                    "quantization", "lora_r", "lora_alpha", "target_modules",
-                                                    "gradient_checkpointing", "learning_rate")},
-              "ours_levers": {k: settings.get(k) for k in LEVERS} | spec["variants"]["ours"],
-              "results": results, "speedup_tokens_per_s": ratio,
-              "memory_ratio": memory_of(results["ours"]) / memory_of(results["baseline"]),
-              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            write_json(args.out, train_report(head, runs, failed, complete=False))  # what is measured so far
+    report = train_report(head, runs, failed, complete=True)
     print(train_table(report))
     write_json(args.out, report)
     log.info("wrote %s", args.out)
     return report
+
+
+def train_report(head: dict, runs: dict[str, list[dict]], failed: dict[str, str], complete: bool) -> dict:
+    """The report of the runs measured so far: for each kind the run of median tokens/s, its MFU, and our ratio
+    to the baseline once both ran. `failed`: the kinds that failed, and why."""
+    results = {}
+    for kind, samples in runs.items():
+        if not samples:
+            continue
+        ordered = sorted(samples, key=lambda r: r["tokens_per_s"])
+        results[kind] = {**ordered[len(ordered) // 2], "tokens_per_s_all": [r["tokens_per_s"] for r in samples]}
+        params = results[kind]["parameters"]
+        results[kind]["mfu"] = (6 * params * results[kind]["tokens_per_s"] / head["peak_flops"]
+                                if head["peak_flops"] else None)
+    both = "ours" in results and "baseline" in results
+    return {**head, "results": results, "failed": failed, "complete": complete,
+            "speedup_tokens_per_s": results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+            if both else None,
+            "memory_ratio": memory_of(results["ours"]) / memory_of(results["baseline"]) if both else None,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def overrides(pairs: list[str]) -> dict:
@@ -252,7 +273,9 @@ def memory_of(result: dict) -> float:
 def train_table(report: dict) -> str:
     gpu = "peak_gpu_gib" in report["results"]["ours"]
     width = max(10, *(len(k) + 2 for k in report["results"]))
-    header = f"{'run':<{width}}{'tokens/s':>12}{'step s':>10}{'peak GPU GiB' if gpu else 'peak RSS MB':>14}{'MFU':>9}"
+    header = (f"{'run':<{width}}{'tokens/s':>12}{'x ours':>8}{'step s':>10}"
+              f"{'peak GPU GiB' if gpu else 'peak RSS MB':>14}{'MFU':>9}")
+    ours = report["results"]["ours"]["tokens_per_s"]
     lines = [f"train benchmark: {report['preset']} on {report['device']}",
              f"settings: {json.dumps(report['settings'])}", f"our levers: {json.dumps(report['ours_levers'])}",
              header, "-" * len(header)]
@@ -261,7 +284,9 @@ def train_table(report: dict) -> str:
         mfu = f"{100 * r['mfu']:.2f}%" if r["mfu"] is not None else "n/a"
         spread = "" if len(r["tokens_per_s_all"]) < 2 else "  (runs: " + ", ".join(
             f"{t:,.0f}" for t in r["tokens_per_s_all"]) + ")"
-        lines.append(f"{kind:<{width}}{r['tokens_per_s']:>12,.0f}{r['step_time_s']:>10.3f}{mem:>14}{mfu:>9}{spread}")
+        lines.append(f"{kind:<{width}}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / ours:>8.2f}"
+                     f"{r['step_time_s']:>10.3f}{mem:>14}{mfu:>9}{spread}")
+    lines += [f"{kind:<{width}}failed: {why}" for kind, why in report.get("failed", {}).items()]
     lines.append(f"ours / baseline: {report['speedup_tokens_per_s']:.2f}x tokens/s, "
                  f"{report['memory_ratio']:.2f}x peak memory")
     lines.append(f"MFU = 6 x {report['results']['ours']['parameters']:,} parameters x tokens/s / "
