@@ -50,15 +50,21 @@ def run_one(name: str, args: str, tasks: list[str], limit: int | None, include_p
             batch_size: int, out_dir: Path) -> tuple[dict | None, str | None]:
     command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", args, "--tasks",
                ",".join(tasks), "--device", device, "--batch_size", str(batch_size), "--output_path", str(out_dir)]
-    command += ["--limit", str(limit)] * (limit is not None)
-    command += ["--include_path", str(Path(include_path).resolve())] * bool(include_path)
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    if include_path:
+        command += ["--include_path", str(Path(include_path).resolve())]
     log.info("lm-eval on the %s model: %s", name, " ".join(command[1:]))
     with tempfile.TemporaryDirectory() as scratch:  # never the stage's directory (scripts/evaluate.py)
         done = subprocess.run(command, cwd=include_path or scratch, capture_output=True, text=True, check=False)
     (out_dir / "lm_eval.log").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "lm_eval.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        return None, f"lm-eval failed on the {name} model: {failure_reason(done.stdout + done.stderr)}"
+        why = failure_reason(done.stdout + done.stderr)
+        hint = ("; the task data is not in the local Hugging Face cache and the hub is out of reach: fetch it on a "
+                "node with internet, or use a local task (evaluate.lm_eval_include_path)"
+                if "ConnectionError" in why or "Offline" in why else "")
+        return None, f"lm-eval failed on the {name} model: {why}{hint}"
     try:
         return read_results(out_dir, tasks), None
     except (ValueError, KeyError, json.JSONDecodeError) as err:
