@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_finetune.data.rows import detect_format, encode, prompt_ids, render
+from hpc_finetune.data.testset import reference
 from hpc_finetune.evaluate import harness
 from hpc_finetune.evaluate.labels import check_references
 from hpc_finetune.evaluate.metrics import (
@@ -180,8 +181,7 @@ def main(cfg: Config) -> dict:
     notes = ["no test set (dataset.test_path, a test split): scored on the held-out eval rows, which training "
              "watched for its eval loss"] * (scored["fallback"] and bool(rows))
     notes += ["nothing to score: no test rows and no eval rows"] * (not rows)
-    every = [(n, r["messages"][-1]["content"] if "messages" in r else r.get("completion", ""))
-             for n, r in enumerate(test_rows or eval_rows, start=1) if fmt != "text"]
+    every = [(n, reference(r) or "") for n, r in enumerate(test_rows or eval_rows, start=1) if fmt != "text"]
     if cfg.labels:  # the whole file, before any model is loaded
         check_references(every, cfg.labels, path)
     references = every[: len(rows)]
