@@ -1,14 +1,21 @@
-"""Evaluate stage: did the model learn? Held-out answer loss of the base and the fine-tuned model, and greedy
-answers of the fine-tuned model compared with the reference answers of training and held-out rows.
+"""Evaluate stage: did fine-tuning help, and on what? The base and the fine-tuned model side by side on the test
+set (the data stage's test.jsonl; when it is empty, the held-out eval rows, and the report says so): answer loss
+and perplexity, both models' greedy answers to every scored prompt with exact match, token F1 and ROUGE-L, and
+for label-style answers accuracy, macro precision/recall/F1 and the confusion matrix; optional lm-eval tasks.
 
-    python scripts/evaluate.py --num-samples 16 --max-new-tokens 96 --merged true \
-        --model-json results/demo/model/model.json --finetuned results/demo/merged \
+    python scripts/evaluate.py --num-samples 256 --max-new-tokens 64 --batch-size 32 --merged true \
+        --labels null --max-detected-labels 10 --lm-eval-tasks '[]' --lm-eval-limit 100 \
+        --lm-eval-include-path null --model-json results/demo/model/model.json --finetuned results/demo/merged \
         --train-data results/demo/data/train.jsonl --eval-data results/demo/data/eval.jsonl \
-        --metrics-out results/demo/metrics/evaluate.json --samples-out results/demo/eval/samples.jsonl
+        --test-data results/demo/data/test.jsonl --metrics-out results/demo/metrics/evaluate.json \
+        --samples-out results/demo/eval/samples.jsonl --samples-csv results/demo/eval/samples.csv \
+        --report-out results/demo/eval/report.txt
 
---finetuned is the merged model (--merged true) or the adapter directory (--merged false: base + adapter).
-Loss counts the answer tokens only (the last assistant turn, the completion, or the whole text), rendered as the
-train stage rendered them (hpc_finetune.data.rows); hpc_finetune.evaluate scores and generates. Text rows have no separate answer: no generation for them.
+--finetuned is the merged model (--merged true: base and merged are loaded one after the other) or the adapter
+directory (--merged false: base + adapter, the base's answers with the adapter disabled). Loss counts the answer
+tokens only, rendered as the train stage rendered them (hpc_finetune.data.rows); hpc_finetune.evaluate scores,
+generates and reports. Text rows have no separate answer: no generation for them. The label check runs before
+any model is loaded.
 """
 
 from __future__ import annotations
@@ -19,10 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from hpc_finetune.data.rows import detect_format, encode, prompt_ids, render
-from hpc_finetune.evaluate.report import summary_rows
-from hpc_finetune.evaluate.scoring import answer_loss, generate, sample_record
+from hpc_finetune.data.testset import reference
+from hpc_finetune.evaluate import harness
+from hpc_finetune.evaluate.labels import check_references
+from hpc_finetune.evaluate.metrics import (
+    classification,
+    classification_metrics,
+    label_set,
+    sample_rows,
+    text_metrics,
+)
+from hpc_finetune.evaluate.report import report_text, summary_rows, write_samples_csv
+from hpc_finetune.evaluate.scoring import answer_loss, generate
 from hpc_finetune.io.cli import StageError, cli, log, table
-from hpc_finetune.io.files import model_dir, read_jsonl, write_json, write_jsonl
+from hpc_finetune.io.files import model_dir, read_jsonl, write_json, write_jsonl, write_text
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.io.schema import option
 from hpc_finetune.model.load import dtype_name, free, load_adapter, load_model, load_tokenizer, resolve_dtype
@@ -36,25 +53,33 @@ class Config:
     finetuned: str = field(
         metadata={"help": "merged model directory, or adapter directory with --merged false"}
     )
-    train_data: str = field(metadata={"help": "train.jsonl (its first rows are answered)"})
-    eval_data: str = field(metadata={"help": "eval.jsonl (loss and answers; may be empty)"})
+    train_data: str = field(metadata={"help": "train.jsonl (the loss of its first rows shows what was learnt)"})
+    eval_data: str = field(metadata={"help": "eval.jsonl (scored when there is no test set; may be empty)"})
     metrics_out: str = field(metadata={"help": "metrics JSON"})
-    samples_out: str = field(metadata={"help": "JSONL of every generated answer"})
-    num_samples: int = option("evaluate.num_samples")
+    samples_out: str = field(metadata={"help": "JSONL: one record per scored prompt, both models' answers"})
+    test_data: str | None = field(default=None, metadata={"help": "test.jsonl (empty or absent: no test set)"})
+    samples_csv: str | None = field(default=None, metadata={"help": "the samples as CSV (a spreadsheet)"})
+    report_out: str | None = field(default=None, metadata={"help": "the plain-text report"})
+    num_samples: int | None = option("evaluate.num_samples")
     max_new_tokens: int = option("evaluate.max_new_tokens")
+    batch_size: int = option("evaluate.batch_size")
+    labels: list[str] | None = option("evaluate.labels")
+    max_detected_labels: int = option("evaluate.max_detected_labels")
+    lm_eval_tasks: list[str] = option("evaluate.lm_eval_tasks")
+    lm_eval_limit: int | None = option("evaluate.lm_eval_limit")
+    lm_eval_include_path: str | None = option("evaluate.lm_eval_include_path")
     merged: bool = field(
         default=True, metadata={"help": "--finetuned is a merged model (true) or an adapter"}
     )
-    max_eval_rows: int = field(
-        default=500, metadata={"help": "eval rows whose loss is measured (the first ones)"}
-    )
+    max_train_rows: int = field(default=64, metadata={"help": "train rows whose loss is measured (the first ones)"})
     max_length: int = field(default=2048, metadata={"help": "longest sequence scored; longer ones are cut"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per loss batch"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), ..."})
 
 
-def read_rows(path: str) -> list[dict]:
+def read_rows(path: str | None) -> list[dict]:
+    if path is None:
+        return []
     if not Path(path).is_file():
         raise StageError(f"data file {path} is missing; run the data stage first")
     return read_jsonl(path)
@@ -77,78 +102,114 @@ def check_finetuned(path: str, merged: bool) -> None:
         raise StageError(f"{directory} is a full model, not an adapter: pass --merged true")
 
 
-def answers(model: Any, tokenizer: Any, fmt: str | None, samples: dict[str, list], cfg: Config) -> tuple[list, str | None]:
-    """Greedy answers of the sampled train and eval rows; (records, why generation was skipped or None)."""
-    if fmt == "text":
-        return [], "text rows have no separate answer to compare a generation with"
-    if fmt is None:
-        return [], "no rows in the train or eval data"
-    records = []
-    for split, chosen in samples.items():
-        if chosen:
-            log.info("generating %d %s answers (greedy, up to %d tokens)", len(chosen), split, cfg.max_new_tokens)
-            texts = generate(model, tokenizer, [prompt_ids(tokenizer, r, fmt) for r in chosen], cfg.max_new_tokens,
-                             cfg.max_length, cfg.batch_size)
-            records += [sample_record(split, i, r, a) for i, (r, a) in enumerate(zip(chosen, texts, strict=True))]
-    return records, None
+def check_options(cfg: Config) -> None:
+    if (cfg.num_samples is not None and cfg.num_samples < 1) or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
+        raise StageError("num_samples (or null), max_new_tokens and batch_size must be at least 1")
 
 
-def metrics_of(cfg: Config, base_dir: str, dtype, fmt, base: dict, tuned: dict, samples: list, skipped: str | None,
-               notes: list[str], start: float) -> dict:
-    def mean_of(split: str, key: str) -> float | None:
-        values = [s[key] for s in samples if s["split"] == split]
-        return sum(values) / len(values) if values else None
+def scored_rows(cfg: Config, test_rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], str, dict]:
+    """The rows both models are scored on, their file, and what they are: the test set, else the eval rows."""
+    rows, path, split = (test_rows, cfg.test_data, "test") if test_rows else (eval_rows, cfg.eval_data, "eval")
+    chosen = rows[: cfg.num_samples]
+    what = (f"the test set {path}" if split == "test" else
+            "the held-out eval rows (no test set: dataset.test_path and a test split are unset; training watched "
+            "these rows for its eval loss)")
+    cap = f", the first {len(chosen)} of {len(rows)} (evaluate.num_samples)" if len(chosen) < len(rows) else ""
+    return chosen, path, {"split": split, "path": path, "rows": len(rows), "scored": len(chosen),
+                          "fallback": split == "eval", "description": f"{len(chosen)} rows of {what}{cap}"}
 
-    base_eval, tuned_eval = base["eval"], tuned["eval"]
-    ratio = base_eval["loss"] / tuned_eval["loss"] if base_eval["loss"] is not None and tuned_eval["loss"] else None
+
+def question_of(row: dict) -> str:
+    """What the user asked: the last user turn, or the prompt."""
+    if "messages" in row:
+        users = [m["content"] for m in row["messages"][:-1] if m["role"] == "user"]
+        return users[-1] if users else ""
+    return row.get("prompt", "")
+
+
+def lm_eval_models(cfg: Config, base_dir: str, dtype: Any) -> dict[str, str]:
+    name = dtype_name(dtype)
+    tuned = (harness.model_args(cfg.finetuned, name) if cfg.merged
+             else harness.model_args(base_dir, name, adapter=cfg.finetuned))
+    return {"base": harness.model_args(base_dir, name), "finetuned": tuned}
+
+
+def metrics_of(cfg: Config, base_dir: str, dtype, fmt, scored: dict, losses: dict, samples: list, skipped: str | None,
+               labels: tuple, lm_eval: dict | None, notes: list[str], start: float) -> dict:
+    base, tuned = losses["base"]["scored"], losses["finetuned"]["scored"]
+    ratio = base["loss"] / tuned["loss"] if base["loss"] is not None and tuned["loss"] else None
+    side = {"answer_loss": {"base": base["loss"], "finetuned": tuned["loss"], "rows": base["rows"]},
+            "perplexity": {"base": base["perplexity"], "finetuned": tuned["perplexity"], "rows": base["rows"]}}
+    side |= text_metrics(samples)
+    result = classification(samples, labels[0]) if labels[0] and samples else None
+    side |= classification_metrics(result) if result else {}
+    exact = side.get("exact_match", {})
     return {
         "base_model": base_dir, "finetuned": cfg.finetuned, "merged": cfg.merged, "dtype": dtype_name(dtype),
-        "data_format": fmt, "base_eval_loss": base_eval["loss"], "finetuned_eval_loss": tuned_eval["loss"],
-        "base_perplexity": base_eval["perplexity"], "finetuned_perplexity": tuned_eval["perplexity"],
-        "eval_loss_ratio": ratio, "eval_loss_rows": base_eval["rows"], "eval_loss_tokens": base_eval["tokens"],
-        "base_train_loss": base["train"]["loss"],  # on the train rows that are also answered
-        "finetuned_train_loss": tuned["train"]["loss"], "train_loss_rows": base["train"]["rows"],
-        "train_exact_match": mean_of("train", "exact"), "eval_exact_match": mean_of("eval", "exact"),
-        "train_token_f1": mean_of("train", "f1"), "eval_token_f1": mean_of("eval", "f1"),
-        "num_samples": cfg.num_samples,
-        "samples_generated": {split: sum(s["split"] == split for s in samples) for split in ("train", "eval")},
+        "data_format": fmt, "scored_on": scored, "metrics": side, "classification": result,
+        "labels_source": labels[1], "lm_eval": lm_eval,
+        # flat keys that the summary, the model card and older readers use (the scored rows: test or eval)
+        "base_eval_loss": base["loss"], "finetuned_eval_loss": tuned["loss"],
+        "base_perplexity": base["perplexity"], "finetuned_perplexity": tuned["perplexity"],
+        "eval_loss_ratio": ratio, "eval_loss_rows": base["rows"], "eval_loss_tokens": base["tokens"],
+        "base_train_loss": losses["base"]["train"]["loss"], "finetuned_train_loss": losses["finetuned"]["train"]["loss"],
+        "train_loss_rows": losses["base"]["train"]["rows"],
+        "base_eval_exact_match": exact.get("base"), "eval_exact_match": exact.get("finetuned"),
+        "base_eval_token_f1": side.get("token_f1", {}).get("base"),
+        "eval_token_f1": side.get("token_f1", {}).get("finetuned"),
+        "num_samples": cfg.num_samples, "samples_generated": len(samples), "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens, "generation_skipped": skipped is not None,
-        "generation_skipped_reason": skipped, "notes": notes, "wall_time_s": round(time.time() - start, 2),
-        "peak_memory": peak_memory(),
+        "generation_skipped_reason": skipped, "notes": notes,
+        "samples_files": ", ".join(p for p in (cfg.samples_out, cfg.samples_csv) if p),
+        "wall_time_s": round(time.time() - start, 2), "peak_memory": peak_memory(),
     }
 
 
 def main(cfg: Config) -> dict:
     start = time.time()
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
-        raise StageError("num_samples and max_new_tokens must be at least 1")
+    check_options(cfg)
     base_dir = model_dir(cfg.model_json)
     check_finetuned(cfg.finetuned, cfg.merged)
+    train_rows, eval_rows, test_rows = read_rows(cfg.train_data), read_rows(cfg.eval_data), read_rows(cfg.test_data)
+    formats = {path: detect_format(rows, path) for path, rows in
+               ((cfg.train_data, train_rows), (cfg.eval_data, eval_rows), (cfg.test_data, test_rows)) if rows}
+    if len(set(formats.values())) > 1:
+        raise StageError("the data files hold rows of different formats: "
+                         + ", ".join(f"{path} {fmt}" for path, fmt in formats.items()))
+    fmt = next(iter(formats.values()), None)
+    rows, path, scored = scored_rows(cfg, test_rows, eval_rows)
+    notes = ["no test set (dataset.test_path, a test split): scored on the held-out eval rows, which training "
+             "watched for its eval loss"] * (scored["fallback"] and bool(rows))
+    notes += ["nothing to score: no test rows and no eval rows"] * (not rows)
+    every = [(n, reference(r) or "") for n, r in enumerate(test_rows or eval_rows, start=1) if fmt != "text"]
+    if cfg.labels:  # the whole file, before any model is loaded
+        check_references(every, cfg.labels, path)
+    references = every[: len(rows)]
+    labels = label_set([ref for _, ref in references], cfg.labels, cfg.max_detected_labels) if references else \
+        (None, "none: no reference answers")
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = load_tokenizer(cfg.finetuned, base_dir)
-    train_rows, eval_rows = read_rows(cfg.train_data), read_rows(cfg.eval_data)
-    train_fmt, eval_fmt = detect_format(train_rows, cfg.train_data), detect_format(eval_rows, cfg.eval_data)
-    if train_fmt and eval_fmt and train_fmt != eval_fmt:
-        raise StageError(f"{cfg.train_data} holds {train_fmt} rows but {cfg.eval_data} holds {eval_fmt} rows")
-    fmt = train_fmt or eval_fmt
-    # What is scored: eval rows for the loss (plus the generated train rows, to see what was memorised).
-    loss_rows = eval_rows[: cfg.max_eval_rows]
-    notes = [f"eval loss on the first {len(loss_rows)} of {len(eval_rows)} eval rows"] * (len(eval_rows) > len(loss_rows))
-    notes += ["eval data is empty: no held-out loss and no held-out answers"] * (not eval_rows)
-    eval_encoded = [encode(tokenizer, render(r, tokenizer, fmt), fmt, cfg.max_length) for r in loss_rows]
-    sampled = {split: [render(r, tokenizer, fmt) for r in rows[: cfg.num_samples]]
-               for split, rows in (("train", train_rows), ("eval", eval_rows))}
-    train_encoded = [encode(tokenizer, r, fmt, cfg.max_length) for r in sampled["train"]]
+    rendered = [render(r, tokenizer, fmt) for r in rows]
+    encoded = [encode(tokenizer, r, fmt, cfg.max_length) for r in rendered]
+    train_encoded = [encode(tokenizer, render(r, tokenizer, fmt), fmt, cfg.max_length)
+                     for r in train_rows[: cfg.max_train_rows]]
+    skipped = ("text rows have no separate answer to compare a generation with" if fmt == "text"
+               else "no rows to answer" if not rows else None)
+    prompts = [prompt_ids(tokenizer, r, fmt) for r in rendered] if not skipped else []
 
-    def losses(model: Any) -> dict:
+    def passes(model: Any, name: str) -> dict:
         pad, budget = tokenizer.pad_token_id, cfg.max_batch_tokens
-        return {"eval": answer_loss(model, eval_encoded, pad, budget),
-                "train": answer_loss(model, train_encoded, pad, budget)}
+        scores = {"scored": answer_loss(model, encoded, pad, budget), "train": answer_loss(model, train_encoded, pad, budget)}
+        if prompts:
+            log.info("%s model: %d greedy answers (up to %d tokens, batch %d)", name, len(prompts), cfg.max_new_tokens,
+                     cfg.batch_size)
+            scores["answers"] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.max_length, cfg.batch_size)
+        return scores
 
-    log.info("scoring the base model %s", base_dir)
+    log.info("scoring the base model %s on %s", base_dir, scored["description"])
     base = load_model(base_dir, dtype, "base model")
     if cfg.merged:
-        base_scores = losses(base)
+        base_scores = passes(base, "base")
         del base
         free()
         log.info("scoring the merged model %s", cfg.finetuned)
@@ -156,15 +217,30 @@ def main(cfg: Config) -> dict:
     else:
         model = load_adapter(base, cfg.finetuned)
         with model.disable_adapter():
-            base_scores = losses(model)
+            base_scores = passes(model, "base")
         log.info("scoring base + adapter %s", cfg.finetuned)
-    tuned_scores = losses(model)
-    samples, skipped = answers(model, tokenizer, fmt, sampled, cfg)
+    tuned_scores = passes(model, "fine-tuned")
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    del model
+    free()
     notes += [f"generation skipped: {skipped}"] * bool(skipped)
+    answers = {"base": base_scores.get("answers", []), "finetuned": tuned_scores.get("answers", [])}
+    samples = sample_rows(scored["split"], rendered, [question_of(r) for r in rows], answers, labels[0]) \
+        if prompts else []
+    lm_eval = harness.run_tasks(cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.lm_eval_include_path,
+                                lm_eval_models(cfg, base_dir, dtype), device, cfg.batch_size,
+                                str(Path(cfg.samples_out).parent / "lm_eval"))
+    if lm_eval and lm_eval["skipped"]:
+        notes.append(f"lm-eval skipped: {lm_eval['skipped']}")
+    metrics = metrics_of(cfg, base_dir, dtype, fmt, scored, {"base": base_scores, "finetuned": tuned_scores}, samples,
+                         skipped, labels, lm_eval, notes, start)
     write_jsonl(cfg.samples_out, samples)
-    metrics = metrics_of(cfg, base_dir, dtype, fmt, base_scores, tuned_scores, samples, skipped, notes, start)
+    if cfg.samples_csv:
+        write_samples_csv(cfg.samples_csv, samples)
     write_json(cfg.metrics_out, metrics)
-    log.info("\n%s", table(summary_rows(metrics), title="evaluation summary"))
+    if cfg.report_out:
+        write_text(cfg.report_out, report_text(metrics))
+    log.info("\n%s", table(summary_rows(metrics), title="evaluation: base -> fine-tuned"))
     return metrics
 
 

@@ -6,14 +6,17 @@ SFTTrainer takes, validate it, shuffle, split train/eval and report what was kep
         --split train --eval-split auto --config-name null --max-samples null --max-eval-samples null \
         --eval-fraction 0.1 --long-rows drop --max-dropped-fraction 0.5 --seed 42 --max-seq-length 256 \
         --model-json results/demo/model/model.json --train-out results/demo/data/train.jsonl \
-        --eval-out results/demo/data/eval.jsonl --report-out results/demo/data/report.json
+        --eval-out results/demo/data/eval.jsonl --report-out results/demo/data/report.json \
+        --test-path null --test-split auto --test-out results/demo/data/test.jsonl
 
 Every output row is exactly one of {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} or
 {"text"} (hpc_finetune.data.source reads and normalises, hpc_finetune.data.clean cleans). A lone pre-templated
 `prompt` column (the seed guide's format) becomes {"text"} without a leading BOS token (TRL adds one, and treats
 any column named `prompt` as prompt/completion data). The held-out rows are the dataset's own
 validation/eval/test split when it has one (dataset.eval_split), else dataset.eval_fraction of the rows; held-out
-rows that repeat a training row are dropped. Outputs are written only after validation passes: a failure keeps
+rows that repeat a training row are dropped. The test set (dataset.test_path, else the dataset's test split,
+dataset.test_split) is read, checked row by row against the training format and cleaned the same way, without
+rows that repeat a training or held-out row; only the evaluate stage scores it (an empty test.jsonl: none). Outputs are written only after validation passes: a failure keeps
 the old ones.
 """
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 from hpc_finetune.data.clean import DROP_REASONS, LONG_ROWS, Limits, Part, clean, length_stats
 from hpc_finetune.data.source import FORMATS, columns, read_source, resolve_format
+from hpc_finetune.data.testset import read_test_path, require_fields
 from hpc_finetune.io.cli import StageError, cli, log, table
 from hpc_finetune.io.files import model_dir, read_json, write_json, write_jsonl
 from hpc_finetune.io.schema import option
@@ -52,6 +56,9 @@ class Config:
     origin: str | None = field(default=None, metadata={
         "help": "fetch record of a dataset from a bucket or the hub (fetch_dataset.py): the report says where --path "
                 "came from"})
+    test_path: str | None = option("dataset.test_path")
+    test_split: str = option("dataset.test_split")
+    test_out: str | None = field(default=None, metadata={"help": "normalised test rows (JSONL; empty: no test set)"})
 
 
 def check_options(cfg: Config) -> None:
@@ -74,6 +81,25 @@ def carve(pairs: list, cfg: Config) -> tuple[list, list]:
     n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if cfg.eval_fraction > 0 and len(pairs) >= 2 else 0
     n_eval = min(n_eval, len(pairs) - 1, cfg.max_eval_samples or len(pairs))
     return pairs[n_eval:], pairs[:n_eval]
+
+
+def test_part(cfg: Config, source, fmt: str, text_field: str, clean_rows) -> tuple[Part | None, dict]:
+    """The test set's rows, checked and cleaned (clean_rows(rows, where)), and where they came from."""
+    if cfg.test_path:
+        rows, where = read_test_path(cfg.test_path, cfg.config_name), f"test set {cfg.test_path}"
+        kind = {"kind": "path", "path": cfg.test_path}
+        if source.test_rows is not None:
+            log.info("dataset.test_path %s is the test set; the dataset's split %s is not used", cfg.test_path,
+                     source.test_split)
+    elif source.test_rows is not None:
+        rows, where = source.test_rows, f"dataset {cfg.path} split {source.test_split}"
+        kind = {"kind": "split", "split": source.test_split}
+    else:
+        return None, {"kind": "none"}
+    require_fields(rows, fmt, text_field, where)
+    part = clean_rows(rows, where)
+    return part, kind | {"input_rows": part.input_rows, "kept": len(part.pairs),
+                         "dropped": {reason: part.counts[reason] for reason in (*DROP_REASONS, "in_train")}}
 
 
 def make_report(cfg: Config, source, fmt: str, text_field: str, found: list[str], train: Part, held: Part | None,
@@ -113,6 +139,10 @@ def summary_rows(report: dict) -> list[tuple[str, object]]:
     rows = [(k, report[k]) for k in ("format", "split", "input_rows", "kept", "train_rows", "eval_rows", "truncated")]
     rows.append(("held out", f"split {held['split']} ({held['input_rows']} rows read)" if held["kind"] == "split"
                  else f"eval_fraction {held['eval_fraction']} of the training rows"))
+    test = report.get("test_source", {"kind": "none"})
+    rows.append(("test set", {"none": "none (the evaluate stage scores the held-out rows)",
+                              "path": f"{test.get('path')}: {test.get('kept')} rows",
+                              "split": f"split {test.get('split')}: {test.get('kept')} rows"}[test["kind"]]))
     rows += [(f"dropped {k}", v) for k, v in report["dropped"].items()] + [("bos_stripped", report["bos_stripped"])]
     rows += [(f"held-out dropped {k}", v) for k, v in held.get("dropped", {}).items()]
     return rows + [(f"tokens {k}", v) for k, v in report["tokens"].items()]
@@ -120,7 +150,7 @@ def summary_rows(report: dict) -> list[tuple[str, object]]:
 
 def main(cfg: Config) -> dict:
     check_options(cfg)
-    source = read_source(cfg.path, cfg.split, cfg.eval_split, cfg.config_name)
+    source = read_source(cfg.path, cfg.split, cfg.eval_split, cfg.config_name, "none" if cfg.test_path else cfg.test_split)
     where = f"dataset {cfg.path}" + (f" split {source.split}" if source.split else "")
     if not source.rows:
         raise StageError(f"{where} has no rows")
@@ -148,9 +178,17 @@ def main(cfg: Config) -> dict:
                  source.eval_split, len(eval_pairs))
     else:
         train_pairs, eval_pairs = carve(pairs, cfg)
+    seen = {json.dumps(row, sort_keys=True) for row, _ in train.pairs + eval_pairs}
+    test, test_source = test_part(cfg, source, fmt, text_field, lambda rows, where: clean(
+        rows, where, fmt, text_field, tokenizer, model, limits, exclude=seen))
+    if test:
+        rng.shuffle(test.pairs)
     report = make_report(cfg, source, fmt, text_field, found, train, held, train_pairs, eval_pairs)
+    report |= {"test_rows": len(test.pairs) if test else 0, "test_source": test_source}
     write_jsonl(cfg.train_out, [row for row, _ in train_pairs])
     write_jsonl(cfg.eval_out, [row for row, _ in eval_pairs])
+    if cfg.test_out:
+        write_jsonl(cfg.test_out, [row for row, _ in test.pairs] if test else [])
     write_json(cfg.report_out, report)
     log.info("%s", table(summary_rows(report), f"data: {cfg.path}"))
     return report

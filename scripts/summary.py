@@ -59,7 +59,7 @@ def main(cfg: Config) -> dict:
         ("convergence", metrics["convergence"]["verdict"]),
         *(("  reason", reason) for reason in metrics["convergence"]["reasons"] or ()),
     ]
-    rows += [(k, fmt(metrics[k])) for k in ("merge_max_abs_logit_diff", "train_exact_match", "eval_exact_match")
+    rows += [(k, fmt(metrics[k])) for k in ("merge_max_abs_logit_diff", "base_eval_exact_match", "eval_exact_match")
              if k in metrics]
     rows += [("artifacts", f"{len(manifest['artifacts'])} files"), ("manifest", manifest_path)]
     log.info("\n%s", table(rows, f"Run {effective.get('run_name')}"))

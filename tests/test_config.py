@@ -160,3 +160,67 @@ def test_a_workflow_whose_library_is_not_the_one_installed_stops_with_the_fix(tm
     assert result.returncode != 0
     assert f"is not the one of this workflow ({copy}/scripts)" in result.stderr
     assert f"`make env` in {copy}" in result.stderr
+
+
+# --- the test set and the evaluate keys, checked when Snakemake starts ---------------------------------------
+
+
+def chat_row(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_test_set(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_good_test_set_and_labels_resolve(tmp_path: Path):
+    rows = [chat_row(f"case {i}", label) for i, label in enumerate(["urgent", "Routine.", "urgent", "routine"])]
+    cfg = resolve_config(DEMO | {"dataset": {"test_path": write_test_set(tmp_path / "t.jsonl", rows)},
+                                 "evaluate": {"labels": ["urgent", "routine"]}})
+    assert cfg["evaluate"]["labels"] == ["urgent", "routine"] and cfg["evaluate"]["num_samples"] == 256
+    assert resolve_config(DEMO)["dataset"]["test_path"] is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "evaluate", "expected"),
+    [
+        ([chat_row("a", "urgent"), {"question": "b", "answer": "routine"}], {},
+         "row 2: the messages format (the training data's) needs the field(s) messages or conversations; this row "
+         "has answer, question"),
+        ([], {}, "the test set has no rows"),
+        ([chat_row("a", "urgent"), chat_row("b", "urgent")], {"labels": ["urgent", "routine"]},
+         "evaluate.labels 'routine' never occur(s) among the 2 reference answers (they use urgent)"),
+        ([chat_row("a", "urgent"), chat_row("b", "maybe later")], {"labels": ["urgent", "routine"]},
+         "row 2: the reference answer 'maybe later' is not one of evaluate.labels (urgent, routine)"),
+    ],
+    ids=["missing_fields", "empty", "label_never_occurs", "not_a_label"],
+)
+def test_a_bad_test_set_names_the_file_and_row(tmp_path: Path, rows, evaluate, expected):
+    path = write_test_set(tmp_path / "t.jsonl", rows)
+    with pytest.raises(ConfigError) as info:
+        resolve_config(DEMO | {"dataset": {"test_path": path}, "evaluate": evaluate})
+    assert f"test set {path} (dataset.test_path)" in str(info.value) and expected in str(info.value)
+
+
+def test_bad_test_paths_and_lm_eval_include_paths(tmp_path: Path):
+    with pytest.raises(ConfigError, match="dataset.test_path: s3://b/t.jsonl is not a local file or directory"):
+        resolve_config(DEMO | {"dataset": {"test_path": "s3://b/t.jsonl"}})
+    with pytest.raises(ConfigError, match="unsupported file type '.txt'"):
+        resolve_config(DEMO | {"dataset": {"test_path": write_test_set(tmp_path / "t.txt", [chat_row("a", "b")])}})
+    with pytest.raises(ConfigError, match="evaluate.lm_eval_include_path: /nowhere is not a directory"):
+        resolve_config(DEMO | {"evaluate": {"lm_eval_tasks": ["x"], "lm_eval_include_path": "/nowhere"}})
+    with pytest.raises(ConfigError, match="evaluate.labels"):
+        resolve_config(DEMO | {"evaluate": {"labels": ["only"]}})  # at least two
+
+
+def test_a_bad_test_set_stops_snakemake_before_any_job(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    write_test_set(tmp_path / "test.jsonl", [chat_row("a", "urgent"), {"prompt": "b"}])
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "--config",
+         "dataset__test_path=test.jsonl"], cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "test set test.jsonl (dataset.test_path) row 2: the messages format" in result.stderr
+    assert not (tmp_path / "results").exists()

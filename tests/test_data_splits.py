@@ -24,7 +24,8 @@ def dataset_dict(path: Path, **splits: list[dict]) -> Path:
 def test_a_validation_split_is_the_held_out_set(run, tmp_path):
     """The dataset's own validation split is held out whole (eval_fraction does not apply); a held-out row that
     repeats a training row is dropped, so nothing held out was trained on."""
-    data = dataset_dict(tmp_path / "dd", train=PC_ROWS, validation=HELD + [PC_ROWS[0]], test=HELD[:1])
+    test = [{"prompt": "Test question?", "completion": "Test answer."}]
+    data = dataset_dict(tmp_path / "dd", train=PC_ROWS, validation=HELD + [PC_ROWS[0]], test=test)
     report = run(data, eval_fraction=0.25)
     assert (report["train_rows"], report["eval_rows"]) == (12, 5)
     assert sorted(run.eval, key=str) == sorted(HELD, key=str)
@@ -32,8 +33,9 @@ def test_a_validation_split_is_the_held_out_set(run, tmp_path):
     assert report["split"] == "train" and report["splits"] == ["train", "validation", "test"]
     assert report["eval_source"] == {"kind": "split", "split": "validation", "input_rows": 6, "kept": 5,
                                      "dropped": {"empty": 0, "duplicate": 0, "too_long": 0, "in_train": 1}}
+    assert report["test_source"]["kind"] == "split" and run.test == test  # the test split: scored by evaluate only
     report = run(data, eval_split="test")
-    assert report["eval_rows"] == 1 and run.eval == HELD[:1]
+    assert report["eval_rows"] == 1 and run.eval == test and report["test_source"] == {"kind": "none"}
     report = run(data, eval_split="validation", max_eval_samples=2)
     assert report["eval_rows"] == 2 and report["train_rows"] == 12
 

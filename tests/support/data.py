@@ -23,7 +23,7 @@ def chat(question: str, answer: str) -> list[dict]:
 class Run:
     """One in-process run of the stage; outputs in `out`."""
 
-    FILES = {"train": "train.jsonl", "eval": "eval.jsonl", "report": "report.json"}
+    FILES = {"train": "train.jsonl", "eval": "eval.jsonl", "report": "report.json", "test": "test.jsonl"}
 
     def __init__(self, model_json: Path, out: Path):
         self.model_json, self.out = model_json, out
@@ -37,6 +37,7 @@ class Run:
         report = prepare_data.main(self.config(data, **options))
         assert report == json.loads((self.out / "report.json").read_text())
         self.train, self.eval = read_jsonl(self.out / "train.jsonl"), read_jsonl(self.out / "eval.jsonl")
+        self.test = read_jsonl(self.out / "test.jsonl")
         return report
 
     def rows(self) -> list[dict]:

@@ -43,6 +43,7 @@ from hpc_finetune.workflow.paths import (
     final_model,
     final_targets,
     hub_upload_dirs,
+    local_dataset,
     out,
     pick,
     script,

@@ -37,6 +37,7 @@ rule prepare_data:
         model=out(config, "model", "model.json"),
         data=DATA.inputs,
         origin=DATA.origin or [],
+        test=local_dataset(DATASET["test_path"]) if DATASET["test_path"] else [],
         script=script("prepare_data"),
         code=code_inputs("prepare_data"),
         image=CONTAINER_IMAGE,
@@ -44,6 +45,7 @@ rule prepare_data:
         train=out(config, "data", "train.jsonl"),
         eval=out(config, "data", "eval.jsonl"),
         report=out(config, "data", "report.json"),
+        test=out(config, "data", "test.jsonl"),
     log:
         out(config, "logs", "prepare_data.log"),
     conda:
@@ -69,8 +71,10 @@ rule prepare_data:
             **pick(
                 DATASET, "eval_fraction", "long_rows", "max_dropped_fraction", "seed"
             ),
+            **pick(DATASET, "test_path", "test_split"),
             max_seq_length=TRAINING["max_seq_length"],
         ),
     shell:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"
-        " --train-out {output.train} --eval-out {output.eval} --report-out {output.report} > {log} 2>&1"
+        " --train-out {output.train} --eval-out {output.eval} --report-out {output.report}"
+        " --test-out {output.test} > {log} 2>&1"

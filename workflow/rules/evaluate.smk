@@ -1,5 +1,6 @@
-# Evaluate stage: held-out loss of the base and the fine-tuned model, and greedy answers compared with the
-# reference answers of training and held-out rows.
+# Evaluate stage: the base and the fine-tuned model side by side on the test set (data/test.jsonl; when it is
+# empty, the held-out eval rows): answer loss, both models' greedy answers scored per sample, label metrics for
+# classification-style answers, optional lm-eval tasks; metrics JSON, per-sample JSONL and CSV, a text report.
 
 
 rule evaluate:
@@ -8,12 +9,15 @@ rule evaluate:
         finetuned=final_model(config),
         train=out(config, "data", "train.jsonl"),
         eval=out(config, "data", "eval.jsonl"),
+        test=out(config, "data", "test.jsonl"),
         script=script("evaluate"),
         code=code_inputs("evaluate"),
         image=CONTAINER_IMAGE,
     output:
         metrics=out(config, "metrics", "evaluate.json"),
         samples=out(config, "eval", "samples.jsonl"),
+        csv=out(config, "eval", "samples.csv"),
+        report=out(config, "eval", "report.txt"),
     log:
         out(config, "logs", "evaluate.log"),
     benchmark:
@@ -27,10 +31,19 @@ rule evaluate:
         gpu=RESOURCES["gpus"],
     params:
         args=stage_args(
-            **pick(EVALUATE, "num_samples", "max_new_tokens"),
+            **pick(
+                EVALUATE,
+                "num_samples",
+                "max_new_tokens",
+                "batch_size",
+                "labels",
+                "max_detected_labels",
+            ),
+            **pick(EVALUATE, "lm_eval_tasks", "lm_eval_limit", "lm_eval_include_path"),
             merged=MERGE["merge_full_weights"],
         ),
     shell:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
-        " --train-data {input.train} --eval-data {input.eval} --metrics-out {output.metrics}"
-        " --samples-out {output.samples} > {log} 2>&1"
+        " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
+        " --metrics-out {output.metrics} --samples-out {output.samples} --samples-csv {output.csv}"
+        " --report-out {output.report} > {log} 2>&1"

@@ -83,8 +83,9 @@ def check_dropped(part: Part, fmt: str, text_field: str, limits: Limits) -> None
         "empty": f"check dataset.format (resolved: {fmt}) and dataset.text_field ({text_field})",
         "duplicate": "the dataset repeats rows: deduplicate it or raise dataset.max_dropped_fraction",
         "too_long": f"raise training.max_seq_length ({limits.max_seq_length}) or set long_rows truncate",
-        "in_train": "the held-out split repeats the training rows: set dataset.eval_split none to hold out "
-                    "dataset.eval_fraction of the training rows instead",
+        "in_train": "the rows repeat rows the model trains on (or, for a test set, its held-out rows); for a "
+                    "held-out split, set dataset.eval_split none to hold out dataset.eval_fraction of the training "
+                    "rows instead",
     }
     why = "no rows left" if not part.pairs else f"more than dataset.max_dropped_fraction={limits.max_dropped_fraction}"
     raise StageError(

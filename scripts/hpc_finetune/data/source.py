@@ -41,15 +41,19 @@ class Source:
     split: str | None  # the split read for training; None for a single file
     eval_split: str | None
     splits: list[str]  # every split the dataset has ([] for a single file)
+    test_rows: list[dict] | None = None  # the dataset's test split (dataset.test_split), scored by evaluate only
+    test_split: str | None = None
 
 
 # --- reading ------------------------------------------------------------------------------------------------
 
 
-def read_source(path: str, split: str = "train", eval_split: str = "auto", config_name: str | None = None) -> Source:
+def read_source(path: str, split: str = "train", eval_split: str = "auto", config_name: str | None = None,
+                test_split: str = "none") -> Source:
     """The rows of `path`: a local file (no splits), a save_to_disk directory, a directory laid out as a dataset
     repository, or a hub dataset name. eval_split: auto (the dataset's own held-out split when it has one, see
-    HELD_OUT_SPLITS), none (never), or a split name (which must exist)."""
+    HELD_OUT_SPLITS), none (never), or a split name (which must exist). test_split: auto (a split named `test`
+    that is neither the training nor the held-out split), none, or a split name (which must exist)."""
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
     if local.is_file():
@@ -62,6 +66,7 @@ def read_source(path: str, split: str = "train", eval_split: str = "auto", confi
         if eval_split not in ("auto", "none"):
             raise StageError(f"dataset.eval_split {eval_split!r}: dataset {local} is a single file without splits; "
                              "set dataset.eval_split to auto or none (dataset.eval_fraction then holds rows out)")
+        no_splits(local, "test_split", test_split)
         return Source(readers.get(suffix, read_arrow)(local), None, None, None, [])  # .parquet, .arrow
     if local.is_dir():
         splits = read_saved(local) if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file() \
@@ -70,21 +75,26 @@ def read_source(path: str, split: str = "train", eval_split: str = "auto", confi
         raise StageError(f"dataset {path} not found; set dataset.path to a file, a directory or a hub name org/name")
     else:
         splits = read_repository(path, config_name)
-    return pick_splits(path, splits, split, eval_split)
+    return pick_splits(path, splits, split, eval_split, test_split)
 
 
-def pick_splits(path: str, splits: dict, split: str, eval_split: str) -> Source:
-    """The training split and the held-out one from {split name: loader} (None as the only key: no splits)."""
+def no_splits(path, key: str, value: str) -> None:
+    if value not in ("auto", "none"):
+        raise StageError(f"dataset.{key} {value!r}: dataset {path} has no splits; set dataset.{key} to auto or none")
+
+
+def pick_splits(path: str, splits: dict, split: str, eval_split: str, test_split: str = "none") -> Source:
+    """The training split, the held-out one and the test one from {split name: loader} (None as the only key: no
+    splits)."""
     names = [name for name in splits if name is not None]
     if not names:
-        if eval_split not in ("auto", "none"):
-            raise StageError(f"dataset.eval_split {eval_split!r}: dataset {path} has no splits; set dataset.eval_split "
-                             "to auto or none")
+        no_splits(path, "eval_split", eval_split)
+        no_splits(path, "test_split", test_split)
         return Source(splits[None](), None, None, None, [])
     if split not in names:
         raise StageError(f"dataset {path}: no split {split!r} (it has {', '.join(names)}); set dataset.split")
     if eval_split == "auto":
-        held_out = next((name for name in HELD_OUT_SPLITS if name in names and name != split), None)
+        held_out = next((name for name in HELD_OUT_SPLITS if name in names and name not in (split, test_split)), None)
     elif eval_split == "none":
         held_out = None
     elif eval_split == split:
@@ -95,7 +105,25 @@ def pick_splits(path: str, splits: dict, split: str, eval_split: str) -> Source:
                          "dataset.eval_split to one of them, or to auto or none")
     else:
         held_out = eval_split
-    return Source(splits[split](), splits[held_out]() if held_out else None, split, held_out, names)
+    test = pick_test_split(path, names, test_split, split, held_out)
+    return Source(splits[split](), splits[held_out]() if held_out else None, split, held_out, names,
+                  splits[test]() if test else None, test)
+
+
+def pick_test_split(path: str, names: list[str], test_split: str, split: str, held_out: str | None) -> str | None:
+    """auto: `test` when the dataset has it and it is not already the training or the held-out split (a dataset
+    with only train and test keeps test as its held-out split; dataset.eval_split none makes it the test set)."""
+    if test_split == "none":
+        return None
+    if test_split == "auto":
+        return "test" if "test" in names and "test" not in (split, held_out) else None
+    if test_split not in names:
+        raise StageError(f"dataset {path}: no split {test_split!r} (it has {', '.join(names)}); set dataset.test_split "
+                         "to one of them, or to auto or none")
+    if test_split in (split, held_out):
+        raise StageError(f"dataset.test_split {test_split!r} is also the {'training' if test_split == split else 'held-out'}"
+                         " split (dataset.split / dataset.eval_split); choose another split, or none")
+    return test_split
 
 
 def read_json_rows(path: Path) -> list[dict]:

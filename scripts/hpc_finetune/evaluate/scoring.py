@@ -1,5 +1,11 @@
 """Scoring for the evaluate stage: the answer-only loss (token-weighted mean NLL, batched by padded size), greedy
-generation (left padding, stopping at every end-of-answer token), exact match and SQuAD-style token F1.
+generation (left padding, stopping at every end-of-answer token: the EOS tokens and the chat template's end of
+turn), exact match, SQuAD-style token F1 and ROUGE-L.
+
+ROUGE-L is the F-measure (beta 1) of the longest common subsequence of the generated and the reference words,
+on the same word tokens as token F1 (lower case, punctuation removed; no stemming): precision LCS/len(generated),
+recall LCS/len(reference). Written here rather than taken from `rouge-score` so that the two word metrics
+tokenise alike (rouge-score drops non-ASCII letters with its default tokenizer).
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ import string
 from collections import Counter
 from typing import Any
 
-from hpc_finetune.data.rows import Rendered
 from hpc_finetune.model.load import input_device
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -30,6 +35,29 @@ def token_f1(generated: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(generated: str, reference: str) -> float:
+    """ROUGE-L F-measure on word tokens (module docstring)."""
+    pred, ref = words(generated), words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for token in pred:  # LCS by dynamic programming, one row at a time
+        current = [0]
+        for j, other in enumerate(ref, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact(generated: str, reference: str) -> float:
+    """1.0 when the answer is the reference, ignoring surrounding white space only."""
+    return float(generated.strip() == reference.strip())
 
 
 # --- model passes ----------------------------------------------------------------------------------------------
@@ -82,12 +110,28 @@ def answer_loss(model: Any, encoded: list[tuple[list[int], int]], pad_id: int, m
     }
 
 
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (e.g. Llama 3's <|eot_id|>), or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Zq7"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template with rules of its own (e.g. a required system turn)
+        return None
+    after = text[text.rfind(marker) + len(marker):] if marker in text else ""
+    special = set(tokenizer.all_special_ids)
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return next((i for i in ids if i in special), None)
+
+
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the generation config's EOS tokens and the tokenizer's."""
+    """Every token that ends an answer: the generation config's EOS tokens, the tokenizer's, and the chat
+    template's end of turn."""
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    if tokenizer.eos_token_id is not None:
-        ids = [*ids, tokenizer.eos_token_id]
+    ids += [i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None]
     return sorted(set(ids))
 
 
@@ -121,16 +165,3 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_token
             for row in out[:, width:].tolist():
                 answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return answers
-
-
-def sample_record(split: str, index: int, rendered: Rendered, generated: str) -> dict:
-    reference = rendered.reference or ""
-    return {
-        "split": split,
-        "index": index,
-        "prompt": rendered.prompt,
-        "reference": reference,
-        "generated": generated,
-        "exact": float(generated.strip() == reference.strip()),
-        "f1": round(token_f1(generated, reference), 4),
-    }

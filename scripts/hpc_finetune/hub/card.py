@@ -74,14 +74,12 @@ def evaluation(evaluate: dict | None) -> str:
     lines = ["| | base | fine-tuned |", "|---|---:|---:|"]
     for name, base, tuned in [("held-out loss", "base_eval_loss", "finetuned_eval_loss"),
                               ("held-out perplexity", "base_perplexity", "finetuned_perplexity"),
-                              ("train loss", "base_train_loss", "finetuned_train_loss")]:
-        if evaluate.get(base) is not None:
-            lines.append(f"| {name} | {evaluate[base]:.4g} | {evaluate[tuned]:.4g} |")
-    for name, key in [("greedy exact match, train", "train_exact_match"),
-                      ("greedy exact match, held-out", "eval_exact_match"),
-                      ("token F1, held-out", "eval_token_f1")]:
-        if evaluate.get(key) is not None:
-            lines.append(f"| {name} | | {evaluate[key]:.3f} |")
+                              ("train loss", "base_train_loss", "finetuned_train_loss"),
+                              ("greedy exact match, held-out", "base_eval_exact_match", "eval_exact_match"),
+                              ("token F1, held-out", "base_eval_token_f1", "eval_token_f1")]:
+        if evaluate.get(tuned) is not None:
+            base_value = "" if evaluate.get(base) is None else f"{evaluate[base]:.4g}"
+            lines.append(f"| {name} | {base_value} | {evaluate[tuned]:.4g} |")
     rows_used = evaluate.get("eval_loss_rows")
     return "\n".join(lines) + (f"\n\nHeld-out loss over {rows_used} rows the model was not trained on." if rows_used
                                else "")

@@ -89,7 +89,7 @@ def load_metrics(run_dir: Path) -> dict:
     }
     if merge:
         metrics["merge_max_abs_logit_diff"] = merge.get("max_abs_logit_diff")
-    for key in ("base_eval_loss", "finetuned_eval_loss", "train_exact_match", "eval_exact_match"):
+    for key in ("base_eval_loss", "finetuned_eval_loss", "base_eval_exact_match", "eval_exact_match"):
         if key in evaluation:
             metrics[key] = evaluation[key]
     return metrics

@@ -195,6 +195,42 @@ def check_consistency(cfg: dict) -> None:
         )
 
 
+def check_test_set(cfg: dict) -> None:
+    """dataset.test_path, when it is a local file, read now: it has rows, every row has the fields its format needs,
+    and with evaluate.labels every reference answer is a label and every label occurs (errors name the file and
+    the row). A directory is checked by the data stage, before any model is loaded."""
+    ds, ev = cfg["dataset"], cfg["evaluate"]
+    include = ev["lm_eval_include_path"]
+    if ev["lm_eval_tasks"] and include and not Path(include).expanduser().is_dir():
+        raise ConfigError(f"config key evaluate.lm_eval_include_path: {include} is not a directory of lm-eval task YAMLs")
+    path = ds["test_path"]
+    if not path:
+        return
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise ConfigError(f"config key dataset.test_path: {path} is not a local file or directory (a test set in a "
+                          "bucket or on the hub: make it a split of dataset.path and use dataset.test_split)")
+    if not local.is_file():
+        return
+    from hpc_finetune.data.source import columns, normalise, resolve_format
+    from hpc_finetune.data.testset import read_test_path, reference, require_fields
+    from hpc_finetune.evaluate.labels import check_references
+    from hpc_finetune.io.cli import StageError
+
+    where = f"test set {path} (dataset.test_path)"
+    try:
+        rows = read_test_path(path)
+        if not rows:
+            raise StageError(f"{where}: the test set has no rows; add rows, or unset dataset.test_path")
+        fmt, text_field = resolve_format(columns(rows[:1]), ds["format"], ds["text_field"], path)
+        require_fields(rows, fmt, text_field, where)
+        if ev["labels"]:
+            refs = [(n, reference(r)) for n, r in enumerate(normalise(rows, fmt, text_field, where), start=1)]
+            check_references([(n, ref) for n, ref in refs if ref is not None], ev["labels"], where)
+    except StageError as err:
+        raise ConfigError(str(err)) from None
+
+
 def resolve_config(user_config: dict) -> dict:
     """schema defaults < hyperparameter preset < model preset < user config (config.yaml and --config)."""
     schema = load_schema()
@@ -209,4 +245,5 @@ def resolve_config(user_config: dict) -> dict:
     resolved = coerce_strings(resolved, schema)
     validate(resolved, schema)
     check_consistency(resolved)
+    check_test_set(resolved)
     return resolved
