@@ -28,7 +28,9 @@ from hpc_finetune.io.cli import StageError, cli, log, table
 from hpc_finetune.io.files import write_json
 from hpc_finetune.io.schema import option
 from hpc_finetune.train.control import progress_callback, stop_on_signal
+from hpc_finetune.train.observe import Watch, training_settings
 from hpc_finetune.train.run import (
+    PATH_FIELDS,
     adapter_snapshot,
     evaluate_last_step,
     final_metrics,
@@ -84,6 +86,12 @@ class Config:
     torch_compile: bool = option("training.torch_compile")
     liger_kernels: bool = option("training.liger_kernels")
     dataloader_pin_memory: bool = option("training.dataloader_pin_memory")
+    resources_out: str = field(default="", metadata={"help": "resources.csv (GPU and process samples) to write; "
+                                                              "empty: no sampling"})
+    resource_interval_s: float = option("tracking.resource_interval_s")
+    mlflow: bool = option("tracking.mlflow")
+    mlflow_experiment: str = option("tracking.experiment")
+    run_name: str = option("run_name")
 
 
 def main(cfg: Config, callbacks: tuple = ()) -> dict:
@@ -99,14 +107,16 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
     args = sft_config(cfg, run.dir, cpu=run.device != "cuda", bf16=run.bf16, has_eval=run.eval_ds is not None,
                       resuming=run.resume is not None, mode=run.mode, trust_remote_code=run.trust_remote_code)
     progress = progress_callback()
+    watch = Watch(cfg, run.rank, run.dir, training_settings(cfg, PATH_FIELDS))
     with stop_on_signal() as stopper:
         trainer = build_trainer(cfg, run.path, args, run.tokenizer, run.train_ds, run.eval_ds,
-                                [progress, *callbacks, stopper])
+                                [progress, *callbacks, stopper, *watch.callbacks()])
         trainable, total = check_trainable(trainer)
         if run.rank == 0:
             log.info("\n%s", setup_table(cfg, run, trainable, total))
         before = adapter_snapshot(trainer.model)
-        seconds, tokens = run_training(trainer, run.resume, progress)
+        with watch.resources(lambda: trainer.state.global_step):
+            seconds, tokens = run_training(trainer, run.resume, progress)
         if stopper.received:
             raise StageError(
                 f"stopped by {stopper.received} at step {trainer.state.global_step}: checkpoint saved in {run.dir}; "
@@ -120,9 +130,11 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
     save_adapter(trainer, cfg.output_dir)
     metrics = final_metrics(cfg, run, trainer, started=started, seconds=seconds, tokens=tokens, trainable=trainable,
                             total=total, change=change)
+    metrics.update(watch.metrics())
     if trainer.is_world_process_zero():
         write_json(cfg.metrics_out, metrics)
-        log.info("\n%s", table([(k, v) for k, v in metrics.items() if k != "log_history"], "Training summary"))
+        watch.finish(metrics)
+        log.info("\n%s", table(watch.summary_rows(metrics), "Training summary"))
     return metrics
 
 

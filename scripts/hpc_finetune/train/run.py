@@ -19,6 +19,7 @@ from hpc_finetune.model.portable import make_portable
 from hpc_finetune.train import fingerprint as fingerprints
 from hpc_finetune.train.control import find_resume_checkpoint, first_last, load_checkpoint, run_finished
 from hpc_finetune.train.data import loss_mode, read_data, to_dataset
+from hpc_finetune.train.observe import OBSERVE_FIELDS
 from hpc_finetune.train.setup import resolve_bf16
 
 # Config fields that are where things are, not what is trained: left out of the fingerprint.
@@ -66,7 +67,7 @@ def prepare(cfg: Any, program: str | Path) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(record["path"], trust_remote_code=record.get("trust_remote_code", False))
     train_rows, eval_rows, fmt = read_data(cfg.train_data, cfg.eval_data)
     mode = loss_mode(fmt, tokenizer, cfg.assistant_only_loss)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + OBSERVE_FIELDS}
     covered = fingerprints.parts(settings, cfg.train_data, cfg.eval_data, record, device, bf16, world_size, program)
     fp = fingerprints.fingerprint(covered)
     root = Path(cfg.checkpoint_root)
