@@ -1,5 +1,6 @@
 # make demo   create the environment and run the whole pipeline on the embedded demo (CPU, offline)
 # make test   create the environment and run the test suite
+# make report the demo run's report (curves, base vs fine-tuned, answers, resources, timings): results/demo/report.html
 # make lint   snakemake --lint, snakefmt --check, ruff
 # make bench  our train stage vs a plain TRL+PEFT baseline (8B architecture on a GPU, the tiny model on the CPU);
 #             BENCH_ARGS="--preset mistral-7b" picks another; scripts/tools/bench.py merge|workflow for the others
@@ -14,7 +15,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint bench clean
+.PHONY: env demo report test lint bench clean
 
 PACKAGE := $(VENV)/.package
 
@@ -39,6 +40,9 @@ $(STAMP): singularity/requirements.txt requirements-dev.txt requirements-transfo
 
 demo: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local
+
+report: $(STAMP) $(PACKAGE)
+	$(BIN)/snakemake --profile profiles/local --report results/demo/report.html
 
 test: $(STAMP) $(PACKAGE)
 	$(BIN)/python -m pytest
