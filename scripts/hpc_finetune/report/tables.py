@@ -36,9 +36,12 @@ def cut(text: Any, limit: int = ANSWER_CHARS) -> str:
 
 
 def prompt_tail(text: Any, limit: int = 300) -> str:
-    """The end of a rendered prompt (the question), without the chat template's special tokens."""
-    text = re.sub(r"<\|[^|<>]{1,40}\|>", " ", "" if text is None else str(text))
-    text = re.sub(r"\s*\n\s*", "\n", text).strip()
+    """The question of a rendered prompt: the last message of a chat template's text (its special tokens and
+    role headers dropped), else the prompt's end."""
+    text = "" if text is None else str(text)
+    pieces = [p.strip() for p in re.split(r"<\|[^|<>]{1,40}\|>", text)]
+    pieces = [p for p in pieces if p and p not in ("system", "user", "assistant")]
+    text = pieces[-1] if len(pieces) > 1 else text.strip()
     return text if len(text) <= limit else "… " + text[-limit:]
 
 
