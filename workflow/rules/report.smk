@@ -62,7 +62,9 @@ rule plots:
         runtime=RESOURCES["cpu_runtime"],
     params:
         config=summary_config(config),
-        run_dir=out(config),
+        # the run's directory: metrics/train.json's grandparent; the pages go next to overview.html
+        run_dir=lambda wildcards, input: Path(input.train).parent.parent,
+        out_dir=lambda wildcards, output: Path(output.overview).parent,
         args=stage_args(
             evaluate=EVALUATE["enabled"],
             mlflow=TRACKING["mlflow"],
@@ -70,4 +72,4 @@ rule plots:
         ),
     shell:
         "python {input.script} {params.args} --run-dir {params.run_dir} --config-json {params.config:q}"
-        " --out-dir {params.run_dir}/report > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"
