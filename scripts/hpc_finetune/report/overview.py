@@ -81,7 +81,8 @@ def log_to_mlflow(experiment: str, config: dict, inputs: dict, run: Path, files:
     also gets the train stage's part from train.json), the effective config as params, the evaluate metrics
     (`evaluate.<key>`), the metrics JSON and the report files as artifacts."""
     train = inputs["train"]
-    tracker = Tracker.open(experiment, config.get("run_name", run.name), run_id=train.get("mlflow_run_id"))
+    tracker = Tracker.open(experiment, config.get("run_name", run.name), run_id=train.get("mlflow_run_id"),
+                           fingerprint=train.get("fingerprint"), reuse=True)
     if tracker is None:
         return None
     tracker.log_params(public_config(config))

@@ -24,6 +24,7 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 # MLflow's own length limits (mlflow.utils.validation): longer values are cut, not refused
 MAX_PARAM_VALUE, BATCH_PARAMS, BATCH_METRICS = 6000, 100, 1000
 HISTORY_SKIP = ("step", "epoch", "total_flos")
+FINGERPRINT_TAG = "hpc_finetune.fingerprint"  # the train stage's checkpoint fingerprint: which training a run is
 
 
 def tracking_uri(cfg: dict, environ: dict) -> str:
@@ -69,9 +70,11 @@ class Tracker:
         self.client, self.run_id = client, run_id
 
     @classmethod
-    def open(cls, experiment: str, run_name: str, run_id: str | None = None) -> Tracker | None:
-        """Continue run `run_id` when the store has it, else start a run named `run_name` in `experiment`
-        (created on first use). None, with a warning, when the store cannot be reached."""
+    def open(cls, experiment: str, run_name: str, run_id: str | None = None, fingerprint: str | None = None,
+             reuse: bool = False) -> Tracker | None:
+        """Continue run `run_id` when the store has it; else, with `reuse`, the run of `experiment` tagged with
+        this training `fingerprint`; else start a run named `run_name` in `experiment` (created on first use),
+        tagged with the fingerprint. None, with a warning, when the store cannot be reached."""
         uri = os.environ.get(ENV_URI) or "mlruns"
         try:
             from mlflow.exceptions import MlflowException
@@ -88,7 +91,14 @@ class Tracker:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(
                 experiment, artifact_location=artifact_location(uri, experiment))
-            run = client.create_run(experiment_id, run_name=run_name)
+            if reuse and fingerprint:
+                tagged = client.search_runs([experiment_id], f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'",
+                                            max_results=1)
+                if tagged:
+                    log.info("MLflow (%s): continuing run %s of this training", where(uri), tagged[0].info.run_id)
+                    return cls(client, tagged[0].info.run_id)
+            tags = {FINGERPRINT_TAG: fingerprint} if fingerprint else None
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
             log.info("MLflow (%s): experiment %s, run %s (%s)", where(uri), experiment, run_name, run.info.run_id)
             return cls(client, run.info.run_id)
         except Exception as err:  # tracking is a side channel: never fail the stage for it

@@ -62,7 +62,8 @@ def start_tracking(cfg: Any, rank: int, run_dir: Path, settings: dict) -> Tracke
         return None
     id_file = run_dir / RUN_ID_FILE
     tracker = Tracker.open(cfg.mlflow_experiment, cfg.run_name,
-                           run_id=id_file.read_text().strip() if id_file.is_file() else None)
+                           run_id=id_file.read_text().strip() if id_file.is_file() else None,
+                           fingerprint=run_dir.name)
     if tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)
