@@ -1,5 +1,6 @@
 # make demo   create the environment and run the whole pipeline on the embedded demo (CPU, offline)
 # make test   create the environment and run the test suite
+# make report the demo run's report (curves, base vs fine-tuned, answers, resources, timings): results/demo/report.html
 # make lint   snakemake --lint, snakefmt --check, ruff
 # make install-profile  link profiles/slurm (and local, apptainer) where Snakemake looks profile names up, so that
 #             `snakemake --profile slurm` works as written, from any project directory
@@ -18,7 +19,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint bench gpu-bundle gpu-check clean install-profile
+.PHONY: env demo report test lint bench gpu-bundle gpu-check clean install-profile
 
 PACKAGE := $(VENV)/.package
 
@@ -43,6 +44,9 @@ $(STAMP): singularity/requirements.txt requirements-dev.txt requirements-transfo
 
 demo: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local
+
+report: $(STAMP) $(PACKAGE)
+	$(BIN)/snakemake --profile profiles/local --report results/demo/report.html
 
 test: $(STAMP) $(PACKAGE)
 	$(BIN)/python -m pytest

@@ -15,6 +15,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/container.smk"
 include: "workflow/rules/model.smk"
@@ -24,6 +27,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/upload.smk"
 include: "workflow/rules/hub_upload.smk"
 

@@ -26,7 +26,15 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from hpc_finetune.data.clean import DROP_REASONS, LONG_ROWS, Limits, Part, clean, length_stats
+from hpc_finetune.data.clean import (
+    DROP_REASONS,
+    LONG_ROWS,
+    Limits,
+    Part,
+    clean,
+    length_histogram,
+    length_stats,
+)
 from hpc_finetune.data.source import FORMATS, columns, read_source, resolve_format
 from hpc_finetune.data.testset import read_test_path, require_fields
 from hpc_finetune.io.cli import StageError, cli, log, table
@@ -115,7 +123,9 @@ def make_report(cfg: Config, source, fmt: str, text_field: str, found: list[str]
              "dropped": {reason: held.counts[reason] for reason in (*DROP_REASONS, "in_train")}}
             if held else {"kind": "fraction", "eval_fraction": cfg.eval_fraction}
         ),
-        "tokens": length_stats([n for _, n in train_pairs + eval_pairs]), "max_seq_length": cfg.max_seq_length,
+        "tokens": length_stats([n for _, n in train_pairs + eval_pairs]),
+        "token_histogram": length_histogram([n for _, n in train_pairs + eval_pairs]),
+        "max_seq_length": cfg.max_seq_length,
         "long_rows": cfg.long_rows, "max_samples": cfg.max_samples, "max_eval_samples": cfg.max_eval_samples,
         "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "origin": origin(cfg.origin),
     }

@@ -32,7 +32,9 @@ from hpc_finetune.io.files import write_json
 from hpc_finetune.io.schema import option
 from hpc_finetune.train.control import progress_callback, stop_on_signal
 from hpc_finetune.train.convergence import Settings, stop_on_non_finite
+from hpc_finetune.train.observe import Watch, training_settings
 from hpc_finetune.train.run import (
+    PATH_FIELDS,
     adapter_snapshot,
     check_convergence,
     evaluate_last_step,
@@ -94,6 +96,12 @@ class Config:
     liger_kernels: bool = option("training.liger_kernels")
     dataloader_pin_memory: bool = option("training.dataloader_pin_memory")
     convergence: dict = option("training.convergence")
+    resources_out: str = field(default="", metadata={"help": "resources.csv (GPU and process samples) to write; "
+                                                              "empty: no sampling"})
+    resource_interval_s: float = option("tracking.resource_interval_s")
+    mlflow: bool = option("tracking.mlflow")
+    mlflow_experiment: str = option("tracking.experiment")
+    run_name: str = option("run_name")
 
 
 def main(cfg: Config, callbacks: tuple = ()) -> dict:
@@ -111,14 +119,16 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
                       resuming=run.resume is not None, mode=run.mode, trust_remote_code=run.trust_remote_code,
                       strategy=run.strategy)
     progress = progress_callback()
+    watch = Watch(cfg, run.rank, run.dir, training_settings(cfg, PATH_FIELDS))
     with stop_on_signal() as stopper:
         trainer = build_trainer(cfg, run.path, args, run.tokenizer, run.train_ds, run.eval_ds,
-                                [progress, *callbacks, stopper, stop_on_non_finite()])
+                                [progress, *callbacks, stopper, stop_on_non_finite(), *watch.callbacks()])
         trainable, total = check_trainable(trainer)
         if run.rank == 0:
             log.info("\n%s", setup_table(cfg, run, trainable, total))
         before = adapter_snapshot(trainer.model)
-        seconds, tokens = run_training(trainer, run.resume, progress)
+        with watch.resources(lambda: trainer.state.global_step):
+            seconds, tokens = run_training(trainer, run.resume, progress)
         if stopper.received:
             raise StageError(
                 f"stopped by {stopper.received} at step {trainer.state.global_step}: checkpoint saved in {run.dir}; "
@@ -129,12 +139,14 @@ def main(cfg: Config, callbacks: tuple = ()) -> dict:
     change = max_abs_change(trainer.model, before)
     metrics = final_metrics(cfg, run, trainer, started=started, seconds=seconds, tokens=tokens, trainable=trainable,
                             total=total, change=change)
+    metrics.update(watch.metrics())
     check_convergence(trainer, cfg, metrics, checks)  # a failed verdict stops here: no adapter is saved
     if change == 0:
         raise StageError("training finished but the adapter weights did not change: nothing was learned")
     save_adapter(trainer, cfg.output_dir)
     if trainer.is_world_process_zero():
         write_json(cfg.metrics_out, metrics)
+        watch.finish(metrics)
         log.info("\n%s", metrics_table(metrics))
     return metrics
 

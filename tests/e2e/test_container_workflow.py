@@ -154,7 +154,7 @@ def test_a_new_image_reruns_the_stages_in_it_only_when_retrain_on_new_image(cont
     assert planned_jobs(run("--dry-run", "--config", *config)) == set()
     forced = ["--dry-run", "--forcerun", "container_image", "--config", *config]
     assert planned_jobs(run(*forced)) == IN_IMAGE_STAGES | {
-        "container_image", "model", "summary", "all"}
+        "container_image", "model", "summary", "plots", "all"}
     assert planned_jobs(run(*forced, "container__retrain_on_new_image=false")) == {"container_image"}
     # a changed pin of the image (here: another path) re-runs the container stage by itself
     other = container_standin.make_sif(container_demo["image"].parent / "other.sif", payload=b"other\n" * 9000)

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 NO_ACCOUNTING = ["--slurm-status-command", "squeue"]  # the one override: this cluster has no sacct
 # Test speed only: the plugin waits 40 s before its first status check by default.
 QUICK_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3"]
-CPU_STAGES = ("build_demo_model", "model", "prepare_data", "summary")
+CPU_STAGES = ("build_demo_model", "model", "prepare_data", "summary", "plots")
 GPU_STAGES = ("preflight", "train", "merge", "evaluate")
 # Resources the demo's jobs ask for (resources are not params: changing them re-runs nothing).
 DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resources__train_runtime=20")
@@ -160,7 +160,7 @@ def test_the_cpu_stages_asked_for_no_gpu(slurm_demo):
 def test_a_hyperparameter_change_plans_only_the_downstream_jobs(slurm_demo):
     dry = slurm_snakemake(slurm_demo.workdir, "--dry-run", "--config", *DEMO_RESOURCES,
                           "training__learning_rate=0.005")
-    assert planned_jobs(dry.result) == {"train", "merge", "evaluate", "summary", "all"}
+    assert planned_jobs(dry.result) == {"train", "merge", "evaluate", "summary", "plots", "all"}
     again = slurm_snakemake(slurm_demo.workdir, "--dry-run", "--config", *DEMO_RESOURCES)
     assert "Nothing to be done" in again.result.stdout + again.result.stderr
 
@@ -200,7 +200,8 @@ def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
     run = slurm_snakemake(workdir, "--config", *DEMO_RESOURCES, "resources__gpus=2", "training__max_steps=12",
                           "training__eval_steps=6", "training__save_steps=6", "evaluate__enabled=false")
     # preflight again: it chooses the strategy for the job's GPUs (two now: ddp)
-    assert [rule for rule, _, _ in run.jobs] == ["preflight", "train", "merge", "summary"]
+    rules = [rule for rule, _, _ in run.jobs]
+    assert rules[:3] == ["preflight", "train", "merge"] and sorted(rules[3:]) == ["plots", "summary"], rules
     assert json.loads((workdir / "results" / "demo" / "preflight.json").read_text())["strategy"]["chosen"] == "ddp"
     record = run.record("train")
     assert record["Partition"] == "gpu" and "gpu:2" in gpu_request(record), record
@@ -231,7 +232,8 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
                           "resources__train_stop_before=60", f"training__max_steps={max_steps}",
                           "training__eval_steps=1000", "training__save_steps=1000")
     rules = [rule for rule, _, _ in run.jobs]
-    assert rules[-3:] == ["merge", "evaluate", "summary"] and set(rules[:-3]) == {"train"}, rules
+    assert rules[-4:-2] == ["merge", "evaluate"] and sorted(rules[-2:]) == ["plots", "summary"], rules
+    assert set(rules[:-4]) == {"train"}, rules
     assert len(run.job_ids("train")) >= 2, "the first train job finished inside its time limit; raise max_steps"
 
     first = run.record("train", 0)

@@ -106,22 +106,22 @@ def test_a_second_run_does_nothing(demo):
 
 def test_a_training_change_reruns_training_and_what_follows_only(demo):
     jobs = planned_jobs(snakemake(demo, "--dry-run", "--config", "training__learning_rate=0.005"))
-    assert jobs == {"train", "merge", "evaluate", "summary", "all"}
+    assert jobs == {"train", "merge", "evaluate", "summary", "plots", "all"}
 
 
 def test_a_dataset_change_reruns_data_and_what_follows(demo):
     jobs = planned_jobs(snakemake(demo, "--dry-run", "--config", "dataset__eval_fraction=0.2"))
-    assert jobs == {"prepare_data", "train", "merge", "evaluate", "summary", "all"}
+    assert jobs == {"prepare_data", "train", "merge", "evaluate", "summary", "plots", "all"}
 
 
-EVERY_STAGE = {"build_demo_model", "model", "prepare_data", "preflight", "train", "merge", "evaluate", "summary", "all"}
+EVERY_STAGE = {"build_demo_model", "model", "prepare_data", "preflight", "train", "merge", "evaluate", "summary", "plots", "all"}
 
 
 @pytest.mark.parametrize(("module", "expected"), [
-    ("hpc_finetune/train/speed.py", {"train", "merge", "evaluate", "summary", "all"}),  # training only
-    ("hpc_finetune/merge/save.py", {"merge", "evaluate", "summary", "all"}),  # merge only
+    ("hpc_finetune/train/speed.py", {"train", "merge", "evaluate", "summary", "plots", "all"}),  # training only
+    ("hpc_finetune/merge/save.py", {"merge", "evaluate", "summary", "plots", "all"}),  # merge only
     ("hpc_finetune/io/cli.py", EVERY_STAGE),  # shared by every stage
-    ("prepare_data.py", {"prepare_data", "train", "merge", "evaluate", "summary", "all"}),  # a stage program
+    ("prepare_data.py", {"prepare_data", "train", "merge", "evaluate", "summary", "plots", "all"}),  # a stage program
 ])
 def test_an_edited_module_reruns_the_stages_that_import_it(demo, module, expected):
     """The code inputs of a rule are its program's import closure: an edit re-plans exactly the stages that run

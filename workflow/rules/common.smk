@@ -46,6 +46,7 @@ from hpc_finetune.workflow.paths import (
     local_dataset,
     out,
     pick,
+    report_inputs,
     script,
     stage_args,
     summary_config,
@@ -53,6 +54,7 @@ from hpc_finetune.workflow.paths import (
     upload_dirs,
 )
 from hpc_finetune.workflow.slurm import scaled, train_placement
+from hpc_finetune.tracking.mlflow_run import tracking_environment
 
 try:
     _resolved = resolve_config(config)
@@ -70,6 +72,9 @@ UPLOAD = config["upload"]
 HUB_UPLOAD = config["hub_upload"]
 CONTAINER = config["container"]
 RESOURCES = config["resources"]
+TRACKING = config["tracking"]
+# MLflow (README, "Seeing a run"): the tracking URI reaches the jobs through the environment only.
+os.environ.update(tracking_environment(config, os.environ))
 
 # The dataset the stages read: dataset.path, or the cache that rule fetch_dataset fills: for s3:// named after the
 # objects listed here, for a hub dataset the snapshot of the commit dataset.revision names now (README, "Datasets

@@ -20,6 +20,7 @@ rule train:
     output:
         adapters=directory(out(config, "adapters")),
         metrics=out(config, "metrics", "train.json"),
+        resources=out(config, "metrics", "resources.csv"),
     log:
         out(config, "logs", "train.log"),
     benchmark:
@@ -33,6 +34,13 @@ rule train:
         mem_mb=scaled(config, RESOURCES["train_mem_mb"]),
         runtime=scaled(config, RESOURCES["train_runtime"]),
         stop_before=RESOURCES["train_stop_before"],
+        # how the run is watched (README, "Seeing a run"): a resource, so turning MLflow on re-runs nothing
+        watch=stage_args(
+            resource_interval_s=TRACKING["resource_interval_s"],
+            mlflow=TRACKING["mlflow"],
+            mlflow_experiment=TRACKING["experiment"],
+            run_name=config["run_name"],
+        ),
     params:
         args=stage_args(**TRAINING),
         launch=stage_args(
@@ -47,4 +55,5 @@ rule train:
         " {input.script} {params.args} --model-json {input.model} --train-data {input.train}"
         " --eval-data {input.eval} --preflight {input.preflight} --output-dir {output.adapters}"
         " --metrics-out {output.metrics} --checkpoint-root {params.checkpoints}"
-        " --tensorboard-dir {params.tensorboard} > {log} 2>&1"
+        " --tensorboard-dir {params.tensorboard} --resources-out {output.resources} {resources.watch}"
+        " > {log} 2>&1"

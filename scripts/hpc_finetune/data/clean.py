@@ -129,3 +129,17 @@ def length_stats(lengths: list[int]) -> dict:
         "max": ordered[-1],
         "p95": ordered[math.ceil(0.95 * len(ordered)) - 1],
     }
+
+
+def length_histogram(lengths: list[int], bins: int = 20) -> dict:
+    """Token lengths in at most `bins` equal-width bins of whole tokens: `edges` (one more than `counts`; bin i
+    holds lengths from edges[i] up to but excluding edges[i + 1], the last one including its upper edge)."""
+    if not lengths:
+        return {"edges": [], "counts": []}
+    low, high = min(lengths), max(lengths)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    count = math.ceil((high - low + 1) / width)
+    counts = [0] * count
+    for n in lengths:
+        counts[(n - low) // width] += 1
+    return {"edges": [low + i * width for i in range(count + 1)], "counts": counts}

@@ -21,6 +21,8 @@ from hpc_finetune.train import fingerprint as fingerprints
 from hpc_finetune.train import strategy as strategies
 from hpc_finetune.train.control import find_resume_checkpoint, first_last, load_checkpoint, run_finished
 from hpc_finetune.train.data import loss_mode, read_data, to_dataset
+from hpc_finetune.train.observe import OBSERVE_FIELDS
+from hpc_finetune.train.resources import summary_rows as resource_rows
 from hpc_finetune.train.setup import resolve_bf16
 
 # Config fields that are where things are, not what is trained: left out of the fingerprint.
@@ -95,7 +97,8 @@ def prepare(cfg: Any, program: str | Path) -> Run:
     mode = loss_mode(fmt, tokenizer, cfg.assistant_only_loss)
     strategy = train_strategy(cfg, preflight, device, world_size)
     # a sharded checkpoint resumes only under the strategy that wrote it: the resolved one is part of the settings
-    settings = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS + CHECK_FIELDS} | {"strategy": strategy["name"]}
+    skipped = PATH_FIELDS + CHECK_FIELDS + OBSERVE_FIELDS
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skipped} | {"strategy": strategy["name"]}
     covered = fingerprints.parts(settings, cfg.train_data, cfg.eval_data, record, device, bf16, world_size, program)
     fp = fingerprints.fingerprint(covered)
     root = Path(cfg.checkpoint_root)
@@ -198,13 +201,14 @@ def check_convergence(trainer, cfg: Any, metrics: dict, settings: convergence.Se
 
 
 def metrics_table(metrics: dict) -> str:
-    """The train log's closing table: every metric but the history, and the convergence verdict with its reasons."""
-    rows = [(k, v) for k, v in metrics.items() if k not in ("log_history", "convergence")]
+    """The train log's closing table: every metric but the long ones, the convergence verdict with its reasons, and
+    peak / mean resource use."""
+    rows = [(k, v) for k, v in metrics.items() if k not in ("log_history", "convergence", "resources")]
     if result := metrics.get("convergence"):
         rows.append(("convergence", result["verdict"] + (f" (best eval at step {result['best_step']})"
                                                          if result["best_step"] is not None else "")))
         rows += [("  reason", reason) for reason in result["reasons"]]
-    return table(rows, "Training summary")
+    return table(rows + resource_rows(metrics.get("resources", {})), "Training summary")
 
 
 def run_training(trainer, resume: Path | None, progress) -> tuple[float, int]:

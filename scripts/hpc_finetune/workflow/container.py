@@ -18,7 +18,8 @@ from hpc_finetune.workflow.config import ConfigError
 
 REPO_DIR = Path(__file__).resolve().parents[3]
 
-SECRETS_TO_IMAGE = ("HF_TOKEN",)  # passed through the environment, never on a command line
+SECRETS_TO_IMAGE = ("HF_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN")  # passed through the environment, never on a command line
 
 
 def container_on(cfg: dict) -> bool:

@@ -81,6 +81,23 @@ def summary_inputs(cfg: dict) -> dict[str, str]:
     return inputs
 
 
+def report_inputs(cfg: dict) -> dict[str, str]:
+    """What the plots stage reads: the train metrics and resource samples, the data report, the evaluate and
+    merge results and the benchmarks of the stages this config runs."""
+    inputs = {
+        "train": out(cfg, "metrics", "train.json"),
+        "resources": out(cfg, "metrics", "resources.csv"),
+        "data": out(cfg, "data", "report.json"),
+        "train_benchmark": out(cfg, "benchmarks", "train.tsv"),
+    }
+    if cfg["merge"]["merge_full_weights"]:
+        inputs.update(merge=out(cfg, "metrics", "merge.json"), merge_benchmark=out(cfg, "benchmarks", "merge.tsv"))
+    if cfg["evaluate"]["enabled"]:
+        inputs.update(evaluate=out(cfg, "metrics", "evaluate.json"), samples=out(cfg, "eval", "samples.jsonl"),
+                      evaluate_benchmark=out(cfg, "benchmarks", "evaluate.tsv"))
+    return inputs
+
+
 def upload_dirs(cfg: dict) -> list[str]:
     """The directories the upload stage sends (besides the manifest)."""
     include = set(cfg["upload"]["include"]) - ({"merged"} if not cfg["merge"]["merge_full_weights"] else set())
@@ -88,8 +105,8 @@ def upload_dirs(cfg: dict) -> list[str]:
 
 
 def final_targets(cfg: dict) -> list[str]:
-    """What `rule all` asks for: the manifest, and the upload records when a bucket or a Hub repository is set."""
-    return [out(cfg, "manifest.json"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else []),
+    """What `rule all` asks for: the manifest, the report's pages, and the upload records when a bucket or a Hub repository is set."""
+    return [out(cfg, "manifest.json"), out(cfg, "report", "overview.html"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else []),
             *([out(cfg, "hub_upload.json")] if cfg["hub_upload"]["repo_id"] else [])]
 
 
@@ -101,6 +118,8 @@ def hub_upload_dirs(cfg: dict) -> dict[str, str]:
 
 
 def summary_config(cfg: dict) -> str:
-    """The effective config for the summary stage, without where the results are uploaded to: pointing an
-    upload elsewhere must not re-run the summary (whose manifest the uploads send)."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("upload", "hub_upload")}, sort_keys=True)
+    """The effective config for the summary and plots stages, without where the results are uploaded to or
+    tracked: pointing an upload or MLflow elsewhere must not re-run the summary (whose manifest the uploads send),
+    and a tracking URI may hold credentials, which belong on no command line."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("upload", "hub_upload", "tracking")},
+                      sort_keys=True)

@@ -1,0 +1,1 @@
+"""Experiment tracking: the MLflow run of a fine-tuning run (train stage live, report stage after evaluate)."""
