@@ -12,7 +12,6 @@ import time
 import pytest
 import train
 from hpc_finetune.data.clean import length_histogram
-from hpc_finetune.evaluate import report as evaluate_report
 from hpc_finetune.io.files import read_jsonl
 from hpc_finetune.report.tables import evaluation_html
 from hpc_finetune.tracking.mlflow_run import flatten, tracking_uri, where
@@ -62,36 +61,19 @@ def test_token_length_histogram():
     assert length_histogram([]) == {"edges": [], "counts": []}
 
 
-FLAT_METRICS = {
-    "base_eval_loss": 3.5, "finetuned_eval_loss": 0.25, "base_perplexity": 33.1, "finetuned_perplexity": 1.28,
-    "eval_loss_ratio": 14.0, "base_train_loss": 3.4, "finetuned_train_loss": 0.02, "train_exact_match": 1.0,
-    "eval_exact_match": 0.5, "train_token_f1": 1.0, "eval_token_f1": 0.7, "samples_generated": {"train": 2, "eval": 2},
-    "wall_time_s": 12.5, "peak_memory": "1.2 GB", "notes": [],
-}
-
-
-def test_the_evaluation_table_takes_todays_flat_metrics():
-    samples = [{"split": "train", "index": 0, "prompt": "Q <b>1</b>", "reference": "A1", "generated": "A1",
-                "exact": 1.0, "f1": 1.0}]
-    page = evaluation_html(FLAT_METRICS, samples)
-    assert "eval loss base -&gt; tuned" in page and "3.5 -&gt; 0.25" in page
+def test_the_evaluation_table_shows_both_models_and_their_answers():
+    """The evaluate stage's shape: side-by-side metrics (comparison_rows) and samples with both answers."""
+    metrics = {"metrics": {"answer_loss": {"base": 3.5, "finetuned": 0.25, "rows": 27},
+                           "exact_match": {"base": 0.0, "finetuned": 0.75, "rows": 8}}}
+    samples = [{"index": 0, "split": "eval", "question": "Q <b>1</b>", "prompt": "<|x|>Q", "reference": "R",
+                "base_answer": "B", "finetuned_answer": "F", "base_f1": 0.1, "finetuned_f1": 0.9}]
+    page = evaluation_html(metrics, samples)
+    assert "<th>fine-tuned</th>" in page and "<td>0</td><td>0.75</td><td>8</td><td>fine-tuned</td>" in page
     assert "Q &lt;b&gt;1&lt;/b&gt;" in page  # escaped
     header = page.split('class="answers"')[1].split("</thead>")[0]
-    assert header.index("prompt") < header.index("reference") < header.index("generated") < header.index("f1")
-
-
-def test_the_evaluation_table_takes_side_by_side_rows(monkeypatch):
-    """The evaluate stage's coming shape: comparison_rows (metric, base, fine-tuned, rows) and samples with both
-    answers. The report switches on comparison_rows being there."""
-    rows = [("eval loss", 3.5, 0.25, 27), ("exact match", 0.0, 0.75, 8)]
-    monkeypatch.setattr(evaluate_report, "comparison_rows", lambda m: rows, raising=False)
-    samples = [{"split": "eval", "prompt": "Q", "reference": "R", "base_answer": "B", "finetuned_answer": "F",
-                "base_f1": 0.1, "finetuned_f1": 0.9}]
-    page = evaluation_html({}, samples)
-    assert "<th>fine-tuned</th>" in page and "<td>exact match</td><td>0</td><td>0.75</td><td>8</td>" in page
-    header = page.split('class="answers"')[1].split("</thead>")[0]
-    assert header.index("reference") < header.index("base_answer") < header.index("finetuned_answer") \
-        < header.index("base_f1")
+    assert header.index("question") < header.index("reference") < header.index("base_answer") \
+        < header.index("finetuned_answer") < header.index("base_f1")
+    assert "<th>prompt</th>" not in header
 
 
 def test_the_tracking_uri_and_what_a_log_may_show(tmp_path):

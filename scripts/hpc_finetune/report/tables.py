@@ -46,30 +46,25 @@ def prompt_tail(text: Any, limit: int = 300) -> str:
 
 
 def evaluation_html(metrics: dict, samples: list[dict], max_answers: int = 6) -> str:
-    """The evaluate stage's result as HTML: the base-vs-fine-tuned table and the first answers of each split side
-    by side. The one place that knows the evaluate stage's output shapes: the comparison rows (metric, base,
-    fine-tuned, rows) of hpc_finetune.evaluate.report.comparison_rows when the evaluate library has it, else its
-    two-column summary_rows; the answer columns are every key of the sample records, prompt and reference first,
-    then the answers (keys naming an answer or generation), then the scores."""
-    from hpc_finetune.evaluate import report
+    """The evaluate stage's result as HTML: its side-by-side rows (hpc_finetune.evaluate.report.comparison_rows:
+    metric, base, fine-tuned, rows, and which is ahead) and the first answers of both models next to the reference."""
+    from hpc_finetune.evaluate.report import ahead, comparison_rows
 
-    if hasattr(report, "comparison_rows"):
-        table = html_table(("metric", "base", "fine-tuned", "rows"), report.comparison_rows(metrics), "metrics")
-    else:
-        table = html_table(("metric", "base -> fine-tuned"), report.summary_rows(metrics), "metrics")
+    better = ahead(metrics)
+    table = html_table(("metric", "base", "fine-tuned", "rows", "ahead"),
+                       [(name, base, tuned, n, better.get(name, "")) for name, base, tuned, n in comparison_rows(metrics)],
+                       "metrics")
     keys = list(dict.fromkeys(k for s in samples for k in s))
-    texts = [k for k in keys if isinstance(samples[0].get(k), str)] if samples else []
-    first = [k for k in ("split", "prompt", "reference") if k in keys]
-    answers = [k for k in texts if k not in first and ("answer" in k or "generat" in k)]
-    rest = [k for k in keys if k not in first + answers and k != "index"]
-    columns = first + answers + rest
-    shown = []
-    for split in dict.fromkeys(s.get("split", "") for s in samples):
-        shown += [s for s in samples if s.get("split", "") == split][:max_answers]
+    first = [k for k in ("question", "reference", "base_answer", "finetuned_answer") if k in keys]
+    if "question" not in keys and "prompt" in keys:
+        first.insert(0, "prompt")
+    scores = [k for k in keys if k.startswith(("base_", "finetuned_")) and k not in first]
+    columns = first + scores
+    shown = samples[:max_answers]
     answers_table = html_table(columns, [[prompt_tail(s.get(k)) if k == "prompt" else cut(s.get(k))
                                           for k in columns] for s in shown], "answers")
     return (f"<h2>Base vs fine-tuned</h2>{table}<h2>Answers side by side</h2>"
-            f"<p>The first {max_answers} sampled rows of each split (greedy decoding), of {len(samples)}.</p>"
+            f"<p>The first {len(shown)} of {len(samples)} scored prompts (greedy decoding, both models).</p>"
             f"{answers_table}")
 
 
