@@ -261,13 +261,41 @@ def fresh_project(path: Path) -> Path:
     return path
 
 
+def scancel_train_mid_run(cmd: list[str], env: dict, workdir: Path, output: Path, max_steps: int, ready,
+                          what: str, start_timeout: int = 600, finish_timeout: int = 900) -> list[str]:
+    """Run Snakemake (cmd) in workdir until the train log's last step satisfies ready(step), scancel the train
+    job there (what a time limit, an admin or preemption does), and wait for the workflow to finish (the retry);
+    returns the train jobs' ids."""
+    import time
+
+    train_log = workdir / "results" / "demo" / "logs" / "train.log"
+    with open(output, "w") as sink:
+        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while time.monotonic() < deadline and controller.poll() is None:
+                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
+                                                    train_log.read_text() if train_log.is_file() else "")]
+                if steps and ready(steps[-1]):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"training never got {what}:\n{output.read_text()[-4000:]}")
+            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
+            subprocess.run(["scancel", job], check=True)
+            assert controller.wait(finish_timeout) == 0, output.read_text()[-8000:]
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+    return [job for rule, job, _ in submitted(output.read_text()) if rule == "train"]
+
+
 def test_fsdp_on_two_gpus_is_cancelled_resumes_and_merges(cluster, tmp_path):
     """training.strategy fsdp with resources.gpus 2 (two processes, gloo on the CPU; plain LoRA: 4-bit does not
     run sharded on the CPU), from a fresh project: preflight chooses fsdp, the train job is cancelled mid-training
     (scancel: what a time limit or preemption does), writes a sharded checkpoint, and the retry resumes under FSDP
     from it, finishes, and the adapter merges. Nothing in the profile changes: only the config's keys. Its own
     project (not the demo's copy), so that it needs no demo run first."""
-    import time
 
     max_steps = 60
     workdir = fresh_project(tmp_path / "project")
@@ -278,26 +306,9 @@ def test_fsdp_on_two_gpus_is_cancelled_resumes_and_merges(cluster, tmp_path):
                              "training__quantization=none", f"training__max_steps={max_steps}",
                              "training__eval_steps=1000", "training__save_steps=1000", "training__logging_steps=5",
                              "evaluate__enabled=false")
-    with open(output, "w") as sink:
-        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 1200
-            while time.monotonic() < deadline and controller.poll() is None:
-                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
-                                                    train_log.read_text() if train_log.is_file() else "")]
-                if steps and 5 <= steps[-1] < max_steps - 10:
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail(f"training never got to step 5:\n{output.read_text()[-4000:]}")
-            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
-            subprocess.run(["scancel", job], check=True)
-            assert controller.wait(1200) == 0, output.read_text()[-8000:]
-        finally:
-            if controller.poll() is None:
-                controller.kill()
+    jobs = scancel_train_mid_run(cmd, env, workdir, output, max_steps, lambda step: 5 <= step < max_steps - 10,
+                                 "to step 5", start_timeout=1200, finish_timeout=1200)
     text = output.read_text()
-    jobs = [job for rule, job, _ in submitted(text) if rule == "train"]
     assert len(jobs) == 2, text[-6000:]
     assert slurm_cluster.scontrol_job(jobs[0])["JobState"] == "CANCELLED"
     assert "gpu:2" in gpu_request(slurm_cluster.scontrol_job(jobs[1]))
@@ -318,7 +329,6 @@ def test_a_train_job_cancelled_with_scancel_is_resumed_by_the_retry(slurm_demo, 
     """scancel of the running train job (what an admin, a user or preemption does): Slurm sends SIGTERM, the
     trainer saves a checkpoint at the end of its step and the job ends CANCELLED; Snakemake's retry resumes from
     that checkpoint (not the last periodic one) and the run completes."""
-    import time
 
     max_steps, save_steps = 300, 50
     workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
@@ -328,26 +338,9 @@ def test_a_train_job_cancelled_with_scancel_is_resumed_by_the_retry(slurm_demo, 
     cmd, env = slurm_command("--config", *DEMO_RESOURCES, f"training__max_steps={max_steps}",
                              f"training__save_steps={save_steps}", f"training__eval_steps={save_steps}",
                              "training__logging_steps=5")
-    with open(output, "w") as sink:
-        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and controller.poll() is None:
-                steps = [int(n) for n in re.findall(rf"(?<!eval )step (\d+)/{max_steps} ",
-                                                    train_log.read_text() if train_log.is_file() else "")]
-                if steps and save_steps < steps[-1] < 2 * save_steps - 10:
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail(f"training never got past step {save_steps}:\n{output.read_text()[-4000:]}")
-            job = next(job for rule, job, _ in submitted(output.read_text()) if rule == "train")
-            subprocess.run(["scancel", job], check=True)
-            assert controller.wait(900) == 0, output.read_text()[-8000:]
-        finally:
-            if controller.poll() is None:
-                controller.kill()
+    jobs = scancel_train_mid_run(cmd, env, workdir, output, max_steps,
+                                 lambda step: save_steps < step < 2 * save_steps - 10, f"past step {save_steps}")
     text = output.read_text()
-    jobs = [job for rule, job, _ in submitted(text) if rule == "train"]
     assert len(jobs) == 2, text[-6000:]
     assert slurm_cluster.scontrol_job(jobs[0])["JobState"] == "CANCELLED"
     assert slurm_cluster.scontrol_job(jobs[1])["JobState"] == "COMPLETED"
