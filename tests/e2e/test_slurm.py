@@ -182,7 +182,7 @@ def test_snakemake_profile_slurm_works_as_written_after_make_install_profile(clu
     dry = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert planned_jobs(dry) == {"build_demo_model", "model", "prepare_data", "preflight", "train", "merge",
-                                 "evaluate", "summary", "all"}
+                                 "evaluate", "plots", "summary", "all"}
     assert "slurm" in (dry.stdout + dry.stderr).lower()
     # idempotent, and a real directory of that name is left alone
     subprocess.run(["make", "-s", "-C", str(REPO), "install-profile"], env=env, check=True, capture_output=True)
