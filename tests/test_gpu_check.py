@@ -62,7 +62,7 @@ def test_the_workflow_step_trained_merged_and_evaluated(dry):
     assert a["exit_code"] == 0 and a["preflight"]["device"] == "cpu" == a["train"]["device"]
     assert a["train"]["quantization"] == "4bit" and a["train"]["train_loss_last"] < a["train"]["train_loss_first"]
     assert a["merge"]["max_abs_logit_diff"] <= a["merge"]["tolerance"]
-    assert sum(a["evaluate"]["samples_generated"].values()) > 0 and a["evaluate"]["finetuned_eval_loss"] > 0
+    assert a["evaluate"]["samples_generated"] > 0 and a["evaluate"]["finetuned_eval_loss"] > 0
     assert {"train", "merge", "evaluate"} <= set(a["stage_wall_s"])
 
 

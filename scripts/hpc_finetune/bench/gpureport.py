@@ -43,7 +43,7 @@ def check_a(f: dict) -> list[str]:
     # in 16 bits the merge stage has a second criterion (scripts/merge.py); that it passed, its exit status says
     if not _num(diff) or (merge.get("dtype") == "float32" and not (_num(tol) and diff <= tol)):
         problems.append(f"merged logits differ by {diff} (tolerance {tol})")
-    if not _num(evaluate.get("finetuned_eval_loss")) or not sum((evaluate.get("samples_generated") or {}).values()):
+    if not _num(evaluate.get("finetuned_eval_loss")) or not evaluate.get("samples_generated"):
         problems.append("evaluate gave no eval loss or generated nothing")
     return problems
 
