@@ -5,7 +5,6 @@ scripts/tools/bench.py runs; a and e run the workflow with Snakemake, as a user 
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import shutil
@@ -104,12 +103,9 @@ def snakemake(path: Path, config: dict, *extra: str) -> tuple[list[str], int, fl
 
 def stage_walls(run: Path) -> dict:
     """Wall seconds of each job, from the rules' `benchmark:` files."""
-    walls = {}
-    for tsv in sorted((run / "benchmarks").glob("*.tsv")):
-        rows = list(csv.DictReader(tsv.open(), delimiter="\t"))
-        if rows:
-            walls[tsv.stem] = float(rows[-1]["s"])
-    return walls
+    from hpc_finetune.report.tables import read_benchmarks
+
+    return {b["stage"]: float(b["s"]) for b in read_benchmarks(sorted((run / "benchmarks").glob("*.tsv")))}
 
 
 def read(path: Path) -> dict:
