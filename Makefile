@@ -1,6 +1,7 @@
 # make demo   create the environment and run the whole pipeline on the embedded demo (CPU, offline)
 # make test   create the environment and run the test suite
 # make report the demo run's report (curves, base vs fine-tuned, answers, resources, timings): results/demo/report.html
+# make lock   re-resolve requirements.lock (every package, with hashes) after editing the pins in *.in
 # make lint   snakemake --lint, snakefmt --check, ruff
 # make install-profile  link profiles/slurm (and local, apptainer) where Snakemake looks profile names up, so that
 #             `snakemake --profile slurm` works as written, from any project directory
@@ -19,7 +20,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo report test lint bench gpu-bundle gpu-check clean install-profile
+.PHONY: env lock demo report test lint bench gpu-bundle gpu-check clean install-profile
 
 PACKAGE := $(VENV)/.package
 
@@ -33,14 +34,28 @@ $(PACKAGE): $(STAMP) pyproject.toml $(shell find scripts/hpc_finetune -type d -n
 		--config-settings editable_mode=strict
 	touch $@
 
-# torch==2.13.0 is pinned: pip takes the CPU wheel where one is on disk, the CUDA build elsewhere.
-$(STAMP): singularity/requirements.txt requirements-dev.txt requirements-transformers4.txt
+# The environment is the lock (requirements.lock: every package, transitive ones included, with hashes), installed
+# with --require-hashes --no-deps: nothing the lock does not name gets in, and a changed lock recreates the venv so
+# that nothing it no longer names stays (tests/test_lock.py checks installed == lock). torch is the lock's CPU
+# build (2.13.0+cpu): pip takes it from PyTorch's CPU index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)
+# or a wheel on disk; CUDA sites take torch from their image (singularity/finetune.def).
+$(STAMP): requirements.lock requirements-transformers4.txt
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-r singularity/requirements.txt -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip check
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps --upgrade \
 		--target $(TRANSFORMERS4_PATH) -r requirements-transformers4.txt
 	touch $@
+
+# Re-resolve the lock from the direct pins (singularity/requirements.in, requirements-dev.in) after editing them;
+# LOCK_ARGS=--upgrade moves every transitive package to its newest allowed release, LOCK_ARGS="-P NAME" one.
+# Linux x86_64, Python 3.11 (the CI machines'); then `make env` installs it and `make test` checks it.
+LOCK_ARGS ?=
+lock: $(STAMP)
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --no-emit-trusted-host $(LOCK_ARGS) \
+		--output-file requirements.lock singularity/requirements.in requirements-dev.in
 
 demo: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local

@@ -1,4 +1,4 @@
-"""The container: singularity/finetune.def against the project's pins, the container stage's four image sources
+"""The container: singularity/finetune.def against the project's lock, the container stage's four image sources
 (real SIF files made with Debian's siftool, a git-lfs parts repository on file://, downloads over file://,
 http:// and from an S3-protocol server (moto) on loopback), and the seam that runs stages inside the image.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 import container
 import pytest
@@ -22,8 +23,8 @@ from hpc_finetune.io.files import sha256_file
 from hpc_finetune.workflow import container as workflow_container
 from hpc_finetune.workflow.config import resolve_config
 from support import container_standin
-from support.common import REPO
-from support.container import DEF, NEEDS_SIFTOOL, git, pins, sections, stage
+from support.container import DEF, NEEDS_SIFTOOL, git, sections, stage
+from tools import lock
 
 pytestmark = NEEDS_SIFTOOL
 
@@ -31,24 +32,34 @@ pytestmark = NEEDS_SIFTOOL
 # --- the definition file --------------------------------------------------------------------------------------
 
 
-def test_the_def_installs_exactly_the_projects_pins():
-    """One source of truth: the def copies singularity/requirements.txt into the image and installs it as is;
-    no package version is written in the def itself (torch's pin is read from the list)."""
+def test_the_def_installs_exactly_the_lock():
+    """One source of truth: the def copies requirements.lock into the image and installs it hash-checked and with
+    nothing more; no package version is written in the def itself (torch's is read from the lock)."""
     text = DEF.read_text()
     sec = sections(text)
     files = [line.split() for line in sec["files"].splitlines() if line.strip()]
-    assert ["singularity/requirements.txt", "/opt/finetune/requirements.txt"] in files
+    assert ["requirements.lock", "/opt/finetune/requirements.lock"] in files
     post = sec["post"]
-    assert re.search(r"pip install [^\n]*-r /opt/finetune/requirements\.txt", post)
-    assert "grep -E '^torch==' /opt/finetune/requirements.txt" in post
+    assert re.search(r"pip install [^\n]*--require-hashes --no-deps -r /opt/finetune/without-torch\.lock", post)
+    assert "grep -oE '^torch==[0-9.]+' /opt/finetune/requirements.lock" in post
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert not re.findall(r"\b[A-Za-z][\w.-]*==\d", code), "a version pinned in the def instead of the list"
-    # the build fails when what pip installed differs from the list
-    assert "installed versions differ from singularity/requirements.txt" in post
-    # every package of the list that the stages import is imported by %test
-    wanted = {line.partition("==")[0].lower() for line in pins(REPO / "singularity" / "requirements.txt")}
+    assert not re.findall(r"\b[A-Za-z][\w.-]*==\d", code), "a version pinned in the def instead of the lock"
+    # the build fails when what pip installed differs from the lock
+    assert "installed versions differ from requirements.lock" in post
+    # every package of the stack that the stages import is imported by %test
+    wanted = lock.locked()
     for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors"):
         assert name in wanted and re.search(rf"\b{name}\b", sec["test"]), name
+
+
+def test_the_def_drops_exactly_torchs_entry_from_the_lock(tmp_path):
+    """The filter the def runs (its first inline program) keeps every other entry with all its hashes."""
+    program = re.search(r"without-torch\.lock <<'EOF'\n(.*?)\nEOF", sections(DEF.read_text())["post"], re.S).group(1)
+    out = tmp_path / "without-torch.lock"
+    subprocess.run([sys.executable, "-c", program, str(lock.LOCK), str(out)], check=True)
+    kept, hashes = lock.locked(out), lock.hashes(out)
+    assert "torch" not in kept and kept == {n: v for n, v in lock.locked().items() if n != "torch"}
+    assert hashes == {n: h for n, h in lock.hashes().items() if n != "torch"}
 
 
 def test_the_def_pins_its_base_and_sets_writable_caches_labels_test_and_runscript():

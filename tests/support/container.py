@@ -21,10 +21,6 @@ SECRET = "hf_containerTestTokenNeverInArgv0123456"
 DEF = REPO / "singularity" / "finetune.def"
 
 
-def pins(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
 def sections(text: str) -> dict[str, str]:
     """The def file's %sections by name; the header (Bootstrap/From) under ''."""
     parts = re.split(r"^%(\w+)[^\n]*\n", text, flags=re.M)

@@ -19,7 +19,7 @@ def moto_server() -> Iterator[str]:
     """Start moto_server on a free loopback port; yield its endpoint."""
     server = Path(sys.executable).parent / "moto_server"
     if not server.exists():
-        raise RuntimeError("moto_server is missing: pip install -r requirements-dev.txt")
+        raise RuntimeError("moto_server is missing: make env (moto is in requirements.lock)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

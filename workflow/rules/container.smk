@@ -19,7 +19,7 @@ rule container_image:
         build=(
             [
                 container_definition(config),
-                f"{workflow.basedir}/singularity/requirements.txt",
+                f"{workflow.basedir}/requirements.lock",
             ]
             if CONTAINER["source"] == "build"
             else []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hpc_finetune.io.cli import log
 
-INSTALL_HINT = "install it (pip install lm-eval==0.4.13, pinned in singularity/requirements.txt)"
+INSTALL_HINT = "install it (pip install lm-eval==0.4.13, pinned in singularity/requirements.in and requirements.lock)"
 
 
 def model_args(path: str, dtype: str, adapter: str | None = None) -> str:
