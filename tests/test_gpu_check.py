@@ -167,6 +167,11 @@ def test_the_tree_leaves_room_for_the_bundle():
         assert bundle.carried()["fits"]
     ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"{bundle.BUNDLE_DIR}/x.whl"])
     assert ignored.returncode == 0, "the bundle must never be committed"
+    # the check's own code travels with the tree: the tools and their package (scripts/tools/benchmarks)
+    sent = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "scripts"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    tools = {str(p.relative_to(REPO)) for p in (SCRIPTS / "tools").rglob("*.py")}
+    assert "scripts/tools/benchmarks/gpusteps.py" in tools and tools <= set(sent), tools - set(sent)
 
 
 def test_slimming_bitsandbytes_keeps_cuda13_and_cpu_and_a_matching_record(tmp_path):
