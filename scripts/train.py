@@ -30,16 +30,15 @@ from dataclasses import dataclass, field
 from hpc_finetune.io.cli import StageError, cli, log
 from hpc_finetune.io.files import write_json
 from hpc_finetune.io.schema import option
+from hpc_finetune.train.adapter import adapter_snapshot, max_abs_change
 from hpc_finetune.train.control import progress_callback, stop_on_signal
 from hpc_finetune.train.convergence import Settings, stop_on_non_finite
 from hpc_finetune.train.observe import Watch, training_settings
 from hpc_finetune.train.run import (
     PATH_FIELDS,
-    adapter_snapshot,
     check_convergence,
     evaluate_last_step,
     final_metrics,
-    max_abs_change,
     metrics_table,
     prepare,
     run_training,

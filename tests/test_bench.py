@@ -150,7 +150,7 @@ def test_padding_free_batches_keep_rows_apart(tiny_model):
 
 
 def test_overrides_are_typed_like_the_stage_command_line():
-    from hpc_finetune.bench.train import overrides
+    from tools.benchmarks.train import overrides
 
     assert overrides(["packing=false", "dataloader_num_workers=2", "attn_implementation=eager"]) == {
         "packing": False, "dataloader_num_workers": 2, "attn_implementation": "eager"}

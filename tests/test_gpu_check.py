@@ -14,9 +14,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from hpc_finetune.bench import bundle, gpucheck
-from hpc_finetune.bench.train import overrides
 from support.common import REPO, SCRIPTS
+from tools.benchmarks import bundle, gpucheck
+from tools.benchmarks.train import overrides
 
 TOOL = SCRIPTS / "tools" / "gpu_check.py"
 OUT_FILES = {"env.json", "a.json", "b.json", "c.json", "d.json", "e.json", "summary.json"}
@@ -167,6 +167,11 @@ def test_the_tree_leaves_room_for_the_bundle():
         assert bundle.carried()["fits"]
     ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", f"{bundle.BUNDLE_DIR}/x.whl"])
     assert ignored.returncode == 0, "the bundle must never be committed"
+    # the check's own code travels with the tree: the tools and their package (scripts/tools/benchmarks)
+    sent = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "scripts"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    tools = {str(p.relative_to(REPO)) for p in (SCRIPTS / "tools").rglob("*.py")}
+    assert "scripts/tools/benchmarks/gpusteps.py" in tools and tools <= set(sent), tools - set(sent)
 
 
 def test_slimming_bitsandbytes_keeps_cuda13_and_cpu_and_a_matching_record(tmp_path):
@@ -216,7 +221,7 @@ def test_the_bundle_installs_into_a_site_folder_and_reports_unmet_requirements(t
     site = tmp_path / "site"
     report = bundle.install(folder, site, timeout=120)
     assert report["wheels"] == 1 and (site / "gcprobe" / "__init__.py").is_file()
-    code = "import json, gcprobe; from hpc_finetune.bench.bundle import unmet_requirements as u; " \
+    code = "import json, gcprobe; from tools.benchmarks.bundle import unmet_requirements as u; " \
            "print(json.dumps([gcprobe.VALUE, u(['gcprobe'])]))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": f"{site}:{SCRIPTS}"})

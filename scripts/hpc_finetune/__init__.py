@@ -10,11 +10,11 @@
     summary    the manifest and training.env
     container  SIF images and their sources
     storage    the S3-protocol client
-    bench      the benchmarks behind scripts/tools/bench.py
     workflow   what the Snakefile uses: config resolution, paths and arguments, Slurm placement, the container
                command line, the code inputs of each rule
     code       a program's import closure (rule inputs and the training fingerprint)
     git        running git
 
+The developer tools (the benchmarks, the GPU check) live beside it in scripts/tools/: nothing here imports them.
 Nothing here imports torch or transformers at module level: heavy imports sit inside the functions that need them.
 """

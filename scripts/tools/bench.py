@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from hpc_finetune.bench.merge import bench_merge, merge_child
-from hpc_finetune.bench.models import ARCHS
-from hpc_finetune.bench.train import bench_train, child
-from hpc_finetune.bench.workflow import bench_workflow
-from hpc_finetune.io.cli import setup_logging
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the tools' package and the library
+
+from hpc_finetune.io.cli import setup_logging  # noqa: E402
+from tools.benchmarks.merge import bench_merge, merge_child  # noqa: E402
+from tools.benchmarks.models import ARCHS  # noqa: E402
+from tools.benchmarks.train import bench_train, child  # noqa: E402
+from tools.benchmarks.workflow import bench_workflow  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Any:

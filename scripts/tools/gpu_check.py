@@ -6,7 +6,7 @@ r"""The GPU check: one prepared run that proves the stack on a GPU machine lent 
     python3 scripts/tools/gpu_check.py [--budget 500]    # there: install the bundle, run steps a-e -> $OUT/*.json
     python scripts/tools/gpu_check.py --dry              # here: every step's plumbing on the CPU, small sizes
 
-Steps (hpc_finetune.bench.gpucheck has the order, sizes and time caps): a the workflow end to end on the GPU
+Steps (tools.benchmarks.gpucheck has the order, sizes and time caps): a the workflow end to end on the GPU
 (demo preset, 4-bit QLoRA in bf16, merge, evaluate with generation); b bench.py train on Llama-3.1-8B's
 architecture (random weights), micro-batch 1, seq 2048, checkpointing, ours vs plain TRL+PEFT; c the same at a
 throughput setting and with each speed lever flipped; d streaming merge vs peft of the 8B model in bf16; e the
@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the library, where nothing is installed
 
-from hpc_finetune.bench import bundle, gpucheck  # noqa: E402
 from hpc_finetune.io.cli import setup_logging  # noqa: E402
+from tools.benchmarks import bundle, gpucheck  # noqa: E402
 
 
 def plan(args) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_step"]:
-        from hpc_finetune.bench.gpusteps import run_step
+        from tools.benchmarks.gpusteps import run_step
 
         run_step(argv[1], json.loads(argv[2]))
         return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_finetune.io.cli import log
+from hpc_finetune.train.adapter import save_gathered_adapter
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -98,8 +99,6 @@ def adapter_into_checkpoints():
     this gathers the LoRA weights (only those) into each checkpoint as adapter_model.safetensors, so that every
     checkpoint is loadable by PEFT, checked like any other, and a finished run's adapter can be taken from it."""
     from transformers import TrainerCallback
-
-    from hpc_finetune.train.run import save_gathered_adapter
 
     class AdapterIntoCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):

@@ -19,6 +19,7 @@ from hpc_finetune.model.portable import make_portable
 from hpc_finetune.train import convergence
 from hpc_finetune.train import fingerprint as fingerprints
 from hpc_finetune.train import strategy as strategies
+from hpc_finetune.train.adapter import save_gathered_adapter
 from hpc_finetune.train.control import find_resume_checkpoint, first_last, load_checkpoint, run_finished
 from hpc_finetune.train.data import loss_mode, read_data, to_dataset
 from hpc_finetune.train.observe import OBSERVE_FIELDS
@@ -230,30 +231,6 @@ def evaluate_last_step(trainer) -> None:
         return  # stopped at a non-finite loss or gradient: the weights are broken, the convergence check says so
     if trainer.eval_dataset is not None and (not evaluated or evaluated[-1] < trainer.state.global_step):
         trainer.evaluate()
-
-
-def whole(param):
-    """A parameter's full value: FSDP2 keeps each rank's shard in a DTensor (gathering is a collective: every
-    rank calls it)."""
-    tensor = param.detach()
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def adapter_snapshot(model) -> dict:
-    return {name: whole(p).float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def max_abs_change(model, before: dict) -> float:
-    after = dict(model.named_parameters())
-    return max((whole(after[name]).float().cpu() - value).abs().max().item() for name, value in before.items())
-
-
-def save_gathered_adapter(model, directory: Path, is_main: bool) -> None:
-    """The LoRA weights of a (possibly FSDP-sharded) PeftModel, gathered whole (a collective: every rank calls
-    it; only the trainable weights travel, not the frozen base) and saved by PEFT on the main process."""
-    weights = {name: whole(p).cpu() for name, p in model.named_parameters() if p.requires_grad}
-    if is_main:
-        model.save_pretrained(str(directory), state_dict=weights)
 
 
 def save_adapter(trainer, output_dir: str) -> None:

@@ -12,7 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-from hpc_finetune.bench.models import BENCH, DEMO_DATA, REPO, build_random_model, device_info, run_child
 from hpc_finetune.data.source import dataset_texts
 from hpc_finetune.io.cli import log, parse_args
 from hpc_finetune.io.files import write_json
@@ -21,6 +20,7 @@ from hpc_finetune.model.demo import build as build_demo
 from hpc_finetune.model.params import count_parameters
 from hpc_finetune.train.run import PATH_FIELDS
 from hpc_finetune.workflow.config import load_presets, resolve_config
+from tools.benchmarks.models import BENCH, DEMO_DATA, REPO, build_random_model, device_info, run_child
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """The GPU check (scripts/tools/gpu_check.py, `make gpu-check`): one prepared run that proves the stack on a GPU
 machine lent for minutes, each step bounded in time and writing its figures as JSON into one folder ($OUT).
 
-    0  install the bundled wheels (hpc_finetune.bench.bundle) into a folder put first on PYTHONPATH -> env.json
+    0  install the bundled wheels (tools.benchmarks.bundle) into a folder put first on PYTHONPATH -> env.json
     m  build the random Llama-3.1-8B (bf16, demo tokenizer) that b-e share                   -> summary.json
     a  the workflow end to end on the GPU, demo preset (tiny Llama), 4-bit QLoRA in bf16      -> a.json
     b  bench.py train, 8B, micro-batch 1, seq 2048, checkpointing: ours vs plain TRL+PEFT     -> b.json
@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hpc_finetune.bench.models import REPO
 from hpc_finetune.io.files import write_json
+from tools.benchmarks.models import REPO
 
 TOOL = REPO / "scripts" / "tools" / "gpu_check.py"
 STEPS = ("a", "b", "c", "d", "e")
@@ -124,7 +124,7 @@ MIN_STEP_S = 20  # a step is not started with less time than this left
 
 def invocation(budget: int, extra: str = "") -> dict:
     """The `run` call of the device tool: command, carry list, timeout_s."""
-    from hpc_finetune.bench.bundle import BUNDLE_DIR
+    from tools.benchmarks.bundle import BUNDLE_DIR
 
     return {"command": RUN_COMMAND.format(budget=budget, extra=extra), "carry": [BUNDLE_DIR],
             "timeout_s": budget + RUN_TIMEOUT_MARGIN_S}
@@ -243,8 +243,8 @@ def log_tail(path: Path, chars: int = 4000) -> str:
 
 def finish_step(name: str, outcome: dict, work: Path, out: Path) -> dict:
     """out/<step>.json: the figures the step wrote (or what it had written when it was stopped), its outcome,
-    and the verdict of its checks (hpc_finetune.bench.gpureport.CHECKS)."""
-    from hpc_finetune.bench.gpureport import CHECKS
+    and the verdict of its checks (tools.benchmarks.gpureport.CHECKS)."""
+    from tools.benchmarks.gpureport import CHECKS
 
     raw, extra = work / "steps" / f"{name}.json", work / "steps" / f"{name}-extra.json"
     figures = json.loads(raw.read_text()) if raw.is_file() else {}
@@ -267,8 +267,8 @@ def finish_step(name: str, outcome: dict, work: Path, out: Path) -> dict:
 
 def run_check(args) -> dict:
     """The whole check (see the module docstring); returns the summary."""
-    from hpc_finetune.bench import bundle
-    from hpc_finetune.bench.gpureport import summary_rows
+    from tools.benchmarks import bundle
+    from tools.benchmarks.gpureport import summary_rows
 
     started = time.perf_counter()
     sizes = DRY if args.dry else GPU
@@ -333,7 +333,7 @@ def skipped(name: str, reason: str, work: Path, out: Path) -> dict:
 
 def install_step(args, sizes: Sizes, work: Path) -> dict:
     """Install the bundle unless told not to (dry runs where everything is importable skip it)."""
-    from hpc_finetune.bench import bundle
+    from tools.benchmarks import bundle
 
     folder = Path(args.bundle)
     missing = [m for m in bundle.MODULES if not importable(m)]
@@ -361,7 +361,7 @@ def importable(module: str) -> bool:
 
 def probe_environment(env: dict) -> dict:
     """Device, versions and unmet requirements as the steps will see them (a child with the steps' environment)."""
-    code = ("import json, hpc_finetune.bench.gpusteps as g; print(json.dumps(g.environment()))")
+    code = ("import json, tools.benchmarks.gpusteps as g; print(json.dumps(g.environment()))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         return {"probe_error": proc.stderr[-3000:]}

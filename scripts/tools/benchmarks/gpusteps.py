@@ -1,4 +1,4 @@
-"""The steps of the GPU check (hpc_finetune.bench.gpucheck has the order, the time caps and the sizes): each runs in
+"""The steps of the GPU check (tools.benchmarks.gpucheck has the order, the time caps and the sizes): each runs in
 a process of its own (`gpu_check.py _step NAME OPTS`) and writes its figures to {work}/steps/NAME.json; CHECKS
 says what a step's figures must show to pass; summary_rows makes the closing table. b, c and d are
 scripts/tools/bench.py runs; a and e run the workflow with Snakemake, as a user does."""
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc_finetune.bench.models import BENCH, DEMO_DATA, REPO
 from hpc_finetune.io.files import write_json
+from tools.benchmarks.models import BENCH, DEMO_DATA, REPO
 
 REFERENCE_S = 25 * 60  # Parallel Works guide: the quick test of Llama-3-8B on an A100-40GB
 
@@ -34,8 +34,7 @@ def environment() -> dict:
     from importlib import metadata
 
     import torch
-
-    from hpc_finetune.bench import bundle
+    from tools.benchmarks import bundle
 
     names = [r.split("==")[0] for r in bundle.requirements()]
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -59,10 +58,10 @@ def environment() -> dict:
 
 def step_m(opts: dict) -> None:
     """The random model of the check's architecture (bf16, the demo tokenizer), where bench.py finds it."""
-    from hpc_finetune.bench.models import build_random_model
     from hpc_finetune.data.source import dataset_texts
     from hpc_finetune.model.demo import build as build_demo
     from hpc_finetune.model.weights import weights_bytes
+    from tools.benchmarks.models import build_random_model
 
     root = Path(opts["work"]) / "bench"
     demo_dir = root / "models" / "demo"

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from hpc_finetune.bench.models import REPO
 from hpc_finetune.io.cli import table
 from hpc_finetune.io.files import write_json
+from tools.benchmarks.models import REPO
 
 
 def slurm_probe_s() -> float | None:

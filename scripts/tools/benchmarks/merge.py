@@ -9,11 +9,11 @@ import shutil
 import time
 from pathlib import Path
 
-from hpc_finetune.bench.models import BENCH, build_random_model, run_child
 from hpc_finetune.io.files import write_json
 from hpc_finetune.io.measure import peak_rss_mb
 from hpc_finetune.merge import streaming
 from hpc_finetune.model.weights import read_header, weight_files, weights_bytes
+from tools.benchmarks.models import BENCH, build_random_model, run_child
 
 
 def merge_child(method: str, base: str, adapter: str, out: str, max_shard_size: str) -> None:
