@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.common import REPO, SCRIPTS
+from tools import lock
 from tools.benchmarks import bundle, gpucheck
 from tools.benchmarks.train import overrides
 
@@ -228,3 +229,21 @@ def test_the_bundle_installs_into_a_site_folder_and_reports_unmet_requirements(t
     value, unmet = json.loads(proc.stdout)
     assert value == 42 and len(unmet) == 2, unmet
     assert unmet[0].startswith("gcprobe needs torch>=99: have ") and unmet[1] == "gcprobe needs nothere-pkg: missing"
+
+
+def test_the_bundle_asks_pip_for_the_locks_files_only(tmp_path):
+    """Each bundled requirement goes to pip with the lock's hashes: a file that is not the one the lock was made from
+    (here a tampered wheel of the locked idna) is refused by pip before anything is kept."""
+    requirement = next(r for r in bundle.requirements() if r.startswith("idna=="))
+    args = bundle.hashed(requirement, tmp_path)
+    assert args[:2] == ["--require-hashes", "-r"]
+    assert Path(args[2]).read_text().count("--hash=sha256:") == len(lock.hashes()["idna"]) >= 1
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / f"idna-{requirement.split('==')[1]}-py3-none-any.whl").write_bytes(b"not the locked wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "--find-links",
+                           str(index), "-d", str(tmp_path / "out"), *args], capture_output=True, text=True)
+    assert proc.returncode != 0 and "DO NOT MATCH THE HASHES" in proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # a package the lock does not hold (liger-kernel) goes as it is
+    assert bundle.hashed("liger-kernel==0.8.5", tmp_path) == ["liger-kernel==0.8.5"]

@@ -6,8 +6,8 @@ working tree and the bundle together stay under what the device tool carries (64
 
 The device image (its package list: torch 2.11 CUDA 13, accelerate, safetensors, numpy, pandas, pyarrow, jinja2,
 psutil, pyyaml, requests, ... but no trl, bitsandbytes, datasets, liger-kernel, snakemake, jsonschema) decides
-what is bundled; the bundled dependencies are at the versions this environment runs (tests/test_gpu_check.py
-checks them against it). Left out on purpose: torch (the image's CUDA build is the one that matters), pulp
+what is bundled; every bundled package is at the lock's version (requirements.lock), and pip checks each file
+against the lock's hashes. Left out on purpose: torch (the image's CUDA build is the one that matters), pulp
 (16 MB; Snakemake imports it only for its ILP scheduler and falls back to the greedy one without it).
 
 bitsandbytes' wheel (43 MB) holds a library for every CUDA and ROCm release (129 MB unpacked); the bundle keeps
@@ -26,35 +26,31 @@ import zipfile
 from pathlib import Path
 
 from hpc_finetune.io.cli import log
+from tools import lock
 
 REPO = Path(__file__).resolve().parents[3]
 CARRY_LIMIT = 64 * 2**20  # the device tool carries at most this much: working tree + carried paths
 BUNDLE_DIR = ".gpu-bundle"
 BUNDLE_BUDGET = 45 * 2**20  # measured 37.3 MiB (2026-12); the tree must leave this much of CARRY_LIMIT
-# The pinned stack the image lacks or has at other versions: versions from these files.
-PINNED_FILES = ("singularity/requirements.txt", "requirements-dev.txt")
-PINNED = ("trl", "bitsandbytes", "datasets", "transformers", "peft", "huggingface-hub", "tokenizers", "snakemake",
-          "jsonschema")
-# Not pinned by the project (not in the CPU stack: it needs triton): NOTES.md's measured version.
-EXTRA = ("liger-kernel==0.8.5",)
-# What those need and the image does not have (or may have at a version outside their ranges), at the versions
-# this environment runs.
-DEPENDENCIES = (
+# What the image lacks of the stack or has at other versions, and what those need that the image does not have (or
+# may have at a version outside their ranges): names only, every version from the lock (requirements.lock), so the
+# GPU machine runs what the tests ran; each downloaded wheel is checked against the lock's hashes.
+BUNDLED = (
+    "trl", "bitsandbytes", "datasets", "transformers", "peft", "huggingface-hub", "tokenizers", "snakemake",
+    "jsonschema",
     # datasets, huggingface-hub
-    "dill==0.4.1", "multiprocess==0.70.19", "fsspec==2026.9.0", "httpx2==2.16.2", "httpcore2==2.16.2",
-    "truststore==0.10.5", "anyio==4.16.0", "idna==3.20", "h11==0.16.0",
+    "dill", "multiprocess", "fsspec", "httpx2", "httpcore2", "truststore", "anyio", "idna", "h11",
     # snakemake
-    "packaging==25.0", "platformdirs==4.14.9", "immutables==0.21", "configargparse==1.9.0", "connection-pool==0.0.3",
-    "docutils==0.22.4", "gitpython==3.2.1", "gitdb==4.0.12", "smmap==5.0.3", "humanfriendly==10.0",
-    "nbformat==5.11.1", "fastjsonschema==2.22.3", "jupyter-core==5.9.1", "traitlets==5.16.1", "referencing==0.37.0",
-    "jsonschema-specifications==2025.9.1", "rpds-py==2026.9.1", "tenacity==9.2.1", "smart-open==7.7.1",
-    "snakemake-interface-executor-plugins==9.4.0", "snakemake-interface-common==1.23.0",
-    "snakemake-interface-storage-plugins==4.4.1", "snakemake-interface-report-plugins==1.3.0",
-    "snakemake-interface-logger-plugins==2.1.0", "snakemake-interface-scheduler-plugins==2.0.2",
-    "argparse-dataclass==2.0.0", "throttler==1.2.3", "yte==1.9.4", "dpath==2.2.0", "conda-inject==1.3.2",
-    "sqlmodel==0.0.37", "sqlalchemy==2.0.58", "greenlet==3.5.6", "pydantic==2.14.4", "pydantic-core==2.50.5",
-    "annotated-types==0.8.0", "typing-inspection==0.4.5",
+    "packaging", "platformdirs", "immutables", "configargparse", "connection-pool", "docutils", "gitpython", "gitdb",
+    "smmap", "humanfriendly", "nbformat", "fastjsonschema", "jupyter-core", "traitlets", "referencing",
+    "jsonschema-specifications", "rpds-py", "tenacity", "smart-open", "snakemake-interface-executor-plugins",
+    "snakemake-interface-common", "snakemake-interface-storage-plugins", "snakemake-interface-report-plugins",
+    "snakemake-interface-logger-plugins", "snakemake-interface-scheduler-plugins", "argparse-dataclass", "throttler",
+    "yte", "dpath", "conda-inject", "sqlmodel", "sqlalchemy", "greenlet", "pydantic", "pydantic-core",
+    "annotated-types", "typing-inspection",
 )
+# Not in the lock (not in the CPU stack: it needs triton): NOTES.md's measured version, unhashed.
+EXTRA = ("liger-kernel==0.8.5",)
 # Needs of bundled packages that are left out on purpose, not reported as unmet.
 LEFT_OUT = {"pulp": "Snakemake imports it only for its ILP scheduler and runs the greedy one without it (16 MB)"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
@@ -67,27 +63,29 @@ MODULES = ("trl", "bitsandbytes", "datasets", "liger_kernel", "transformers", "p
 
 
 def pins() -> dict[str, str]:
-    """name -> version of every `name==version` line of the pinned files (canonical names)."""
-    found = {}
-    for name in PINNED_FILES:
-        for line in (REPO / name).read_text().splitlines():
-            match = re.match(r"^([A-Za-z0-9._-]+)(\[[^]]*\])?==([^\s#;]+)", line.strip())
-            if match:
-                found[canonical(match.group(1))] = match.group(3)
-    return found
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    """The lock's name -> version (canonical names)."""
+    return lock.locked()
 
 
 def requirements() -> list[str]:
     """Every `name==version` the bundle holds."""
     pinned = pins()
-    missing = [name for name in PINNED if name not in pinned]
+    missing = [name for name in BUNDLED if name not in pinned]
     if missing:
-        raise SystemExit(f"no pin for {', '.join(missing)} in {', '.join(PINNED_FILES)}")
-    return [f"{name}=={pinned[name]}" for name in PINNED] + list(EXTRA) + list(DEPENDENCIES)
+        raise SystemExit(f"no entry for {', '.join(missing)} in {lock.LOCK.name}: add them to the *.in files, make lock")
+    return [f"{name}=={pinned[name]}" for name in BUNDLED] + list(EXTRA)
+
+
+def hashed(requirement: str, folder: Path) -> list[str]:
+    """pip's arguments for one requirement: a requirements file holding it with the lock's hashes, so that pip
+    itself refuses a file the lock does not allow (the wheel, or the source a wheel is built from); EXTRA's as is."""
+    name = lock.canonical(requirement.split("==")[0])
+    allowed = lock.hashes().get(name)
+    if not allowed:
+        return [requirement]
+    spec = folder / f".{name}.req"
+    spec.write_text(requirement + "".join(f" --hash=sha256:{digest}" for digest in allowed) + "\n")
+    return ["--require-hashes", "-r", str(spec)]
 
 
 def build(folder: Path, python: str = PYTHON) -> dict:
@@ -102,11 +100,11 @@ def build(folder: Path, python: str = PYTHON) -> dict:
             continue
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
                "--only-binary=:all:", "--python-version", python, "--implementation", "cp", *platform_args,
-               "-d", str(folder), requirement]
+               "-d", str(folder), *hashed(requirement, folder)]
         if subprocess.run(cmd).returncode != 0:
             log.info("%s has no wheel for CPython %s; building one here (pure Python only)", requirement, python)
             cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
-                   "-w", str(folder), requirement]
+                   "-w", str(folder), *hashed(requirement, folder)]
             if subprocess.run(cmd).returncode != 0:
                 raise SystemExit(f"could not get a wheel of {requirement}")
         wheel = wheel_for(folder, requirement)
@@ -115,6 +113,8 @@ def build(folder: Path, python: str = PYTHON) -> dict:
     stray = sorted({p.name for p in folder.glob("*.whl")} - {wheel_for(folder, r).name for r in wanted})
     for name in stray:  # an older pin's wheel: two versions of one package stop the whole install
         (folder / name).unlink()
+    for spec in folder.glob(".*.req"):
+        spec.unlink()
     slim_bitsandbytes(next(folder.glob("bitsandbytes-*.whl")))
     wheels = sorted(folder.glob("*.whl"))
     report = {"python": python, "platforms": list(PLATFORMS), "requirements": wanted,
@@ -189,7 +189,7 @@ def unmet_requirements(names: list[str]) -> list[str]:
             continue
         for text in dist.requires or []:
             req = Requirement(text)
-            if (req.marker and not req.marker.evaluate({"extra": ""})) or canonical(req.name) in LEFT_OUT:
+            if (req.marker and not req.marker.evaluate({"extra": ""})) or lock.canonical(req.name) in LEFT_OUT:
                 continue
             try:
                 have = metadata.version(req.name)
