@@ -81,7 +81,7 @@ def test_a_merge_killed_with_its_controller_during_a_forced_rerun_is_rebuilt(dem
     assert_manifest_matches_disk(run)
 
 
-SHORT = ("--config", "training__max_steps=100", "training__save_steps=50", "training__eval_steps=25",
+SHORT = ("--config", "training__max_steps=40", "training__save_steps=20", "training__eval_steps=20",
          "training__logging_steps=5")
 
 
@@ -98,7 +98,7 @@ def test_a_second_controller_of_a_running_run_is_refused_after_its_snakemake_loc
         first = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
     trainer = None
     try:
-        wait_for(lambda: "step 5/100 " in (run / "logs" / "train.log").read_text(errors="replace"), "step 5")
+        wait_for(lambda: "step 5/40 " in (run / "logs" / "train.log").read_text(errors="replace"), "step 5")
         trainer = stage_pid(workdir, "scripts/train.py", launcher="scripts/launch.py")
         os.kill(trainer, signal.SIGSTOP)
         assert list(locks.iterdir())  # A holds Snakemake's lock until another run removes it
@@ -118,7 +118,7 @@ def test_a_second_controller_of_a_running_run_is_refused_after_its_snakemake_loc
             os.kill(trainer, signal.SIGCONT)
     assert first.wait(600) == 0, output.read_text()[-3000:]
     train = json.loads((run / "metrics" / "train.json").read_text())
-    assert train["steps"] == 100 and train["resumed_from"] is None
+    assert train["steps"] == 40 and train["resumed_from"] is None
     log = (run / "logs" / "train.log").read_text()
-    assert log.count("step 5/100 ") == 1 and "in use by" not in log  # one trainer, one log
+    assert log.count("step 5/40 ") == 1 and "in use by" not in log  # one trainer, one log
     assert_manifest_matches_disk(run)

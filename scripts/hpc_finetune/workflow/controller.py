@@ -100,13 +100,14 @@ class Controller:
         missing = missing_artifacts(self.run_dir / "manifest.json")
         if not missing:
             return
-        executed = getattr(self.workflow, "executor_plugin", None) is not None and not self.workflow.dryrun
-        running = runlock.holder(self.run_dir)
+        running = runlock.holder(self.run_dir)  # another controller's run (this one was refused, or a dry run)
+        executed = (getattr(self.workflow, "executor_plugin", None) is not None and not self.workflow.dryrun
+                    and not running)
         say(f"{'Error' if executed else 'Warning'}: {self.run_dir}/manifest.json lists {len(missing)} file(s) that "
             f"are not on disk: {listing(missing)}.\n"
             + (f"The run is in progress ({running}); it may be rebuilding them.\n" if running else "")
-            + "They are targets of the run: run the workflow again without a target (e.g. `snakemake --profile "
-              "profiles/local`) to rebuild them with their stage and what depends on them.")
+            + "They are targets of the run: run the workflow again without a target (the same `snakemake --profile "
+              "...` command, no file names) to rebuild them with their stage and what depends on them.")
         if executed:  # a deliverable missing after a run must not look like success
             logging.shutdown()
             sys.stdout.flush()
