@@ -19,6 +19,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/controller.smk"
 include: "workflow/rules/container.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"

@@ -91,7 +91,7 @@ def main(cfg: Config) -> dict:
 
     output = Path(cfg.output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.partial-*"):
+    for stale in output.parent.glob(f".{output.name}.*"):  # .partial-<pid>, .old-<pid>, .damaged (README, faults)
         log.info("removing %s left by an interrupted merge", stale)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"

@@ -26,6 +26,9 @@ class Config:
     manifest_out: str = field(metadata={"help": "manifest to write (JSON), at the top of the run directory"})
     env_out: str = field(metadata={"help": "training.env to write"})
     workflow_commit: str = field(default="unknown", metadata={"help": "the workflow's git commit (from the workflow)"})
+    artifacts: list[str] = field(default_factory=list, metadata={
+        "help": "JSON list of the files and directories whose files the manifest lists (the stages' outputs), "
+                "besides training.env"})
 
 
 def main(cfg: Config) -> dict:
@@ -47,7 +50,7 @@ def main(cfg: Config) -> dict:
         "metrics": metrics,
         "versions": versions(),
         "workflow_commit": None if cfg.workflow_commit == "unknown" else cfg.workflow_commit,
-        "artifacts": artifacts(run_dir, {manifest_path}),
+        "artifacts": artifacts(run_dir, [*cfg.artifacts, cfg.env_out]),
     }
     write_json(manifest_path, manifest)
     rows = [

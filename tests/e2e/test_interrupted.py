@@ -12,11 +12,10 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from support.workflow import run_workflow, workflow_command
+from support.workflow import copy_project, run_workflow, stage_pid, wait_for, workflow_command
 
 pytestmark = pytest.mark.e2e
 MAX_STEPS, SAVE_STEPS = 240, 40
@@ -24,23 +23,9 @@ SHORT_RUN = ("--config", f"training__max_steps={MAX_STEPS}", f"training__save_st
              f"training__eval_steps={SAVE_STEPS}", "training__logging_steps=5")
 
 
-def copy_project(demo: Path, dst: Path) -> Path:
-    """The finished demo project without its checkpoints (the short run's settings make a new fingerprint)."""
-    return Path(shutil.copytree(demo, dst, symlinks=True, ignore=shutil.ignore_patterns("checkpoints")))
-
-
 def start(workdir: Path) -> subprocess.Popen:
     cmd, env = workflow_command(*SHORT_RUN)
     return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def logged_steps(log: Path) -> list[int]:
@@ -61,15 +46,7 @@ def complete_checkpoints(run: Path) -> list[int]:
 
 def trainer_pid(workdir: Path) -> int | None:
     """The train stage's Python process (not its launcher) working in `workdir`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if os.readlink(proc / "cwd") == str(workdir) and any(a.endswith(b"scripts/train.py") for a in argv):
-                if not any(a.endswith(b"scripts/launch.py") for a in argv):
-                    return int(proc.name)
-        except (OSError, ValueError):
-            continue
-    return None
+    return stage_pid(workdir, "scripts/train.py", launcher="scripts/launch.py")
 
 
 def kill_between_checkpoints(workdir: Path, victim: str) -> tuple[int, int]:

@@ -1,12 +1,14 @@
-"""Running the workflow as a user does (snakemake with one of the repository's profiles, in a project directory)
-and reading what a dry run plans."""
+"""Running the workflow as a user does (snakemake with one of the repository's profiles, in a project directory),
+reading what a dry run plans, and watching a run's processes (to kill or pause them at a known step)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,32 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
         return set()
     table = text.split("Job stats:", 1)[1].split("total", 1)[0]
     return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}
+
+
+def copy_project(demo: Path, dst: Path) -> Path:
+    """The finished demo project without its checkpoints (a test's own settings make a new fingerprint)."""
+    return Path(shutil.copytree(demo, dst, symlinks=True, ignore=shutil.ignore_patterns("checkpoints")))
+
+
+def wait_for(condition, what: str, timeout: float = 300):
+    """Poll `condition` until it returns something true (returned); fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def stage_pid(workdir: Path, program: str, launcher: str | None = None) -> int | None:
+    """The process running the stage program `program` (e.g. scripts/train.py) with `workdir` as its working
+    directory; not its launcher's (a command line that also names `launcher`)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if os.readlink(proc / "cwd") == str(workdir) and any(a.endswith(program.encode()) for a in argv):
+                if not (launcher and any(a.endswith(launcher.encode()) for a in argv)):
+                    return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None

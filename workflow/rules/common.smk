@@ -2,6 +2,7 @@
 # (hpc_finetune.workflow: config, paths, slurm, container). A rule file uses only what is defined here and in
 # itself, so the include order of the others does not matter.
 
+import atexit
 import os
 import sys
 
@@ -26,6 +27,9 @@ if (
         f"{workflow.basedir}, or `pip install -e {workflow.basedir}`)."
     )
 from hpc_finetune.workflow.config import ConfigError, resolve_config
+from hpc_finetune.workflow.controller import Controller
+from hpc_finetune.workflow.runlock import RunInUse
+from snakemake.exceptions import WorkflowError
 from hpc_finetune.workflow.dataset import dataset_input
 from hpc_finetune.workflow.container import (
     check_container,

@@ -21,7 +21,9 @@ rule summary:
         commit=lambda wildcards: project_commit(),
     params:
         config=summary_config(config),
+        # what the manifest lists: the files of these inputs (the run's targets) and training.env
+        artifacts=stage_args(artifacts=list(summary_inputs(config).values())),
     shell:
-        "python {input.script} --config-json {params.config:q}"
+        "python {input.script} --config-json {params.config:q} {params.artifacts}"
         " --manifest-out {output.manifest} --env-out {output.env} --workflow-commit {resources.commit}"
         " > {log} 2>&1"

@@ -16,8 +16,6 @@ from pathlib import Path
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import read_json, sha256_file
 
-# Directories of the run that are bookkeeping, not artifacts.
-SKIP_DIRS = {"logs", "checkpoints", "benchmarks"}
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api_key|credential", re.IGNORECASE)
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY")
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "snakemake")
@@ -59,14 +57,27 @@ def env_text(cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def artifacts(run_dir: Path, exclude: set[Path]) -> list[dict]:
+def artifacts(run_dir: Path, roots: list[str | Path]) -> list[dict]:
+    """sha256 and size of every file under `roots` (files or directories under run_dir: the stages' declared
+    outputs, which are the run's targets), by path relative to run_dir; hidden files (Snakemake's timestamps,
+    temporary files) left out."""
     files = []
-    for path in sorted(run_dir.rglob("*")):
-        rel = path.relative_to(run_dir)
-        if not path.is_file() or rel.parts[0] in SKIP_DIRS or path in exclude or rel.name.startswith("."):
-            continue
-        files.append({"path": str(rel), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    return files
+    for root in map(Path, roots):
+        paths = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in paths:
+            rel = path.relative_to(run_dir)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                files.append({"path": str(rel), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    return sorted(files, key=lambda entry: entry["path"])
+
+
+def missing_artifacts(manifest_path: Path) -> list[str]:
+    """The files manifest_path lists that are not on disk (one stat each: cheap at the end of every run)."""
+    try:
+        listed = [entry["path"] for entry in json.loads(manifest_path.read_text())["artifacts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [path for path in listed if not (manifest_path.parent / path).is_file()]
 
 
 def load_metrics(run_dir: Path) -> dict:

@@ -253,6 +253,7 @@ def save_adapter(trainer, output_dir: str) -> None:
     if trainer.is_world_process_zero():
         make_portable(tmp)  # vLLM on transformers 4 loads an adapter's tokenizer too
         old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a save killed between the two renames
         if out.exists():
             out.rename(old)
         tmp.rename(out)

@@ -1,1 +1,1 @@
-"""What the Snakefile uses: config resolution, paths and arguments, the dataset to read, Slurm placement, the container command line."""
+"""What the Snakefile uses: config resolution, paths and arguments, the dataset to read, Slurm placement, the container command line, and the controller's checks (controller: deliverables against the manifest; runlock: one controller per run)."""

@@ -66,18 +66,24 @@ def final_model(cfg: dict) -> str:
 
 
 def summary_inputs(cfg: dict) -> dict[str, str]:
-    """Every artifact the manifest covers."""
+    """Every artifact the manifest covers: the declared outputs, under the run directory, of the stages before the
+    summary (its inputs). Each is also a target of the run (final_targets), so a missing one is rebuilt with its
+    stage and what depends on it, and the manifest never lists a file that no rule makes."""
     inputs = {
+        **({"base_model": out(cfg, "model", "demo")} if cfg["model"]["source"] == "demo" else {}),
         "model": out(cfg, "model", "model.json"),
+        **{f"data_{name}": out(cfg, "data", f"{name}.jsonl") for name in ("train", "eval", "test")},
         "data_report": out(cfg, "data", "report.json"),
         "preflight": out(cfg, "preflight.json"),
         "adapters": out(cfg, "adapters"),
         "train_metrics": out(cfg, "metrics", "train.json"),
+        "train_resources": out(cfg, "metrics", "resources.csv"),
     }
     if cfg["merge"]["merge_full_weights"]:
         inputs.update(merged=out(cfg, "merged"), merge_report=out(cfg, "metrics", "merge.json"))
     if cfg["evaluate"]["enabled"]:
-        inputs["evaluate"] = out(cfg, "metrics", "evaluate.json")
+        inputs.update(evaluate=out(cfg, "metrics", "evaluate.json"), eval_samples=out(cfg, "eval", "samples.jsonl"),
+                      eval_csv=out(cfg, "eval", "samples.csv"), eval_report=out(cfg, "eval", "report.txt"))
     return inputs
 
 
@@ -105,8 +111,11 @@ def upload_dirs(cfg: dict) -> list[str]:
 
 
 def final_targets(cfg: dict) -> list[str]:
-    """What `rule all` asks for: the manifest, the report's pages, and the upload records when a bucket or a Hub repository is set."""
-    return [out(cfg, "manifest.json"), out(cfg, "report", "overview.html"), *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else []),
+    """What `rule all` asks for: the manifest and every artifact it lists (summary_inputs: adapters/, merged/,
+    the data, the metrics...: a deleted one is rebuilt, not reported done), the report's pages, and the upload
+    records when a bucket or a Hub repository is set."""
+    return [out(cfg, "manifest.json"), *summary_inputs(cfg).values(), out(cfg, "report", "overview.html"),
+            *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else []),
             *([out(cfg, "hub_upload.json")] if cfg["hub_upload"]["repo_id"] else [])]
 
 

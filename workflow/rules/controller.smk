@@ -1,0 +1,23 @@
+# The run's controller (hpc_finetune.workflow.controller; README, "Re-running only what changed"). Only in the main
+# Snakemake process: the jobs' own re-parses (Slurm jobs, script subprocesses) do none of it.
+# - parse time: leftovers of killed jobs beside a finished deliverable removed, a deliverable directory that lost
+#   files the manifest lists set aside (so it is rebuilt), unless a live controller holds the run;
+# - onstart (only a run that executes jobs: not a dry run, --unlock, --lint, --report): the run's own lock,
+#   held until the process ends, or a clear refusal when another controller holds it;
+# - exit (every invocation): the manifest compared with the disk; a run that leaves files it lists missing
+#   says which and how to rebuild them, and exits non-zero.
+
+if workflow.is_main_process:
+    CONTROLLER = Controller(
+        out(config), list(summary_inputs(config).values()), workflow
+    )
+    CONTROLLER.at_parse()
+    atexit.register(CONTROLLER.at_exit)
+
+
+onstart:
+    if workflow.is_main_process:
+        try:
+            CONTROLLER.on_start()
+        except RunInUse as err:
+            raise WorkflowError(str(err)) from None
