@@ -82,6 +82,12 @@ def _schema_at(schema: dict, path: list) -> dict:
 def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     path = [str(p) for p in error.absolute_path]
     key = ".".join(path) or "(top level)"
+    if error.instance in (None, "") and error.validator in ("type", "minLength", "pattern"):
+        # `revision:` with nothing after it reads as null: say that, not "None is not of type 'string'"
+        what = error.schema.get("format_hint") or f"a {error.schema.get('type')}"
+        default = error.schema.get("default")
+        keep = f", or remove the key for the default ({default})" if default not in (None, "") else ""
+        return f"config key {key} is empty; set it to {what}{keep}"
     if error.validator == "additionalProperties":
         known = sorted(_schema_at(schema, path).get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
