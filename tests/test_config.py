@@ -250,3 +250,27 @@ def test_a_bad_test_set_stops_snakemake_before_any_job(tmp_path: Path):
     assert result.returncode != 0
     assert "test set test.jsonl (dataset.test_path) row 2: the messages format" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path", ["/data/nowhere/train.jsonl", "/data/nowhere", "data/missing.jsonl", "train.txt"])
+def test_a_dataset_path_that_names_a_missing_file_is_refused_at_start(path, tmp_path, monkeypatch):
+    """Absolute, or with a file suffix: a file on disk, not a hub name; missing, it is refused when Snakemake
+    starts instead of in the data stage (org/name and existing paths resolve as before)."""
+    from hpc_finetune.workflow.dataset import dataset_input
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(DEMO | {"dataset": {"path": path}})
+    with pytest.raises(ConfigError, match=f"config key dataset.path: {path} does not exist"):
+        dataset_input(cfg, str(tmp_path / "state"))
+    (tmp_path / "exists.jsonl").write_text("")
+    assert dataset_input(resolve_config(DEMO | {"dataset": {"path": "exists.jsonl"}})).inputs == ["exists.jsonl"]
+
+
+def test_snakemake_refuses_a_missing_dataset_file_before_planning(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "--dry-run", "--config",
+         "dataset__path=/data/nowhere/train.jsonl"], cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "Job stats" not in result.stdout + result.stderr
+    assert "config key dataset.path: /data/nowhere/train.jsonl does not exist; point it at a" in result.stderr

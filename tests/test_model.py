@@ -87,11 +87,11 @@ def half(path: Path) -> None:
 def test_a_cut_off_or_padded_weight_file_is_named_with_the_fix(model_copy, tmp_path, breakage, expected):
     """What the loader would refuse in the train job (safetensors: "incomplete metadata, file not fully covered")
     is refused by the model stage, naming the file and the fix."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     weights = model_copy / "model.safetensors"
     breakage(weights)
-    with pytest.raises(Exception):  # the loader agrees that the file is unusable
+    with pytest.raises(SafetensorError):  # the loader agrees that the file is unusable
         with safe_open(str(weights), "pt") as fh:
             [fh.get_tensor(k) for k in fh.keys()]
     with pytest.raises(StageError) as err:

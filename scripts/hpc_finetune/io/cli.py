@@ -108,4 +108,4 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
     count before a noun uses it (no "1 rows")."""
     if count == 1:
         return f"{count} {noun}"
-    return f"{count:,} {many or noun + ('es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's')}"
+    return f"{count} {many or noun + ('es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's')}"
