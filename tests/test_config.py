@@ -124,7 +124,7 @@ def test_every_pattern_is_explained_in_words():
 def test_an_empty_revision_written_in_config_yaml_says_so():
     """`revision:` with nothing after it is null in YAML."""
     cfg = DEMO | {"model": yaml.safe_load("source: hub\nmodel_id: org/name\nrevision:\n")}
-    with pytest.raises(ConfigError, match=r"model.revision is empty; .* or remove the key for the default \(main\)"):
+    with pytest.raises(ConfigError, match=r"model.revision is empty; .* or remove the key to use the default$"):
         resolve_config(cfg)
 
 
@@ -274,3 +274,11 @@ def test_snakemake_refuses_a_missing_dataset_file_before_planning(tmp_path: Path
     )
     assert result.returncode != 0 and "Job stats" not in result.stdout + result.stderr
     assert "config key dataset.path: /data/nowhere/train.jsonl does not exist; point it at a" in result.stderr
+
+
+def test_an_empty_section_or_number_says_what_to_write():
+    with pytest.raises(ConfigError, match="config key training is empty; set it to its keys, indented below it$"):
+        resolve_config(DEMO | {"training": None})
+    with pytest.raises(ConfigError, match="config key training.lora_r is empty; set it to a whole number, or remove "
+                                          "the key to use the default$"):
+        resolve_config(DEMO | {"training": {"lora_r": None}})
