@@ -291,7 +291,7 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
     on a fast machine; a slow one only makes the pause shorter."""
     import signal
 
-    max_steps = 150
+    max_steps = 40
     workdir = copy_project(slurm_demo.workdir, tmp_path / "project").resolve()
     train_log = workdir / "results" / "demo" / "logs" / "train.log"
     output = tmp_path / "snakemake.out"
