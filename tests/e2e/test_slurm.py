@@ -27,6 +27,8 @@ from support.common import REPO, SNAKEMAKE
 from support.workflow import planned_jobs
 
 pytestmark = pytest.mark.e2e
+# A bound for a run that hangs, not a verdict on speed: the demo's 480 steps took 25 min on a loaded 2-core machine.
+RUN_TIMEOUT = 3600
 NO_ACCOUNTING = ["--slurm-status-command", "squeue"]  # the one override: this cluster has no sacct
 # Test speed only: the plugin waits 40 s before its first status check by default.
 QUICK_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3"]
@@ -64,7 +66,7 @@ class Run:
         return slurm_cluster.scontrol_job(ids[attempt])
 
 
-def slurm_command(*args: str, timeout: int = 1500) -> tuple[list[str], dict]:
+def slurm_command(*args: str, timeout: int = RUN_TIMEOUT) -> tuple[list[str], dict]:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return ["timeout", "-k", "10", str(timeout), *SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"),
             *NO_ACCOUNTING, *QUICK_POLLING, *args], env
@@ -74,7 +76,7 @@ def submitted(text: str) -> list[tuple[str, str, Path]]:
     return [(m.group(3), m.group(1), Path(m.group(2))) for m in SUBMITTED.finditer(text)]
 
 
-def slurm_snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> Run:
+def slurm_snakemake(workdir: Path, *args: str, timeout: int = RUN_TIMEOUT, check: bool = True) -> Run:
     cmd, env = slurm_command(*args, timeout=timeout)
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     text = result.stdout + result.stderr
@@ -306,7 +308,7 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
         controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
             wait_for("a training step", lambda: re.search(rf"(?<!eval )step \d+/{max_steps} ", log_text()),
-                     controller, output)
+                     controller, output, timeout=RUN_TIMEOUT)
             pid = trainer_pid(workdir)  # None: the signal came first and the trainer has already stopped
             if pid:
                 os.kill(pid, signal.SIGSTOP)
@@ -316,7 +318,7 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
             finally:
                 if pid:
                     os.kill(pid, signal.SIGCONT)
-            assert controller.wait(1200) == 0, output.read_text()[-8000:]
+            assert controller.wait(RUN_TIMEOUT) == 0, output.read_text()[-8000:]
         finally:
             if controller.poll() is None:
                 controller.kill()
