@@ -38,7 +38,7 @@ from hpc_finetune.evaluate.metrics import (
 )
 from hpc_finetune.evaluate.report import report_text, summary_rows, write_samples_csv
 from hpc_finetune.evaluate.scoring import answer_loss, generate
-from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import model_dir, read_jsonl, write_json, write_jsonl, write_text
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.io.schema import option
@@ -116,7 +116,7 @@ def scored_rows(cfg: Config, test_rows: list[dict], eval_rows: list[dict]) -> tu
             "these rows for its eval loss)")
     cap = f", the first {len(chosen)} of {len(rows)} (evaluate.num_samples)" if len(chosen) < len(rows) else ""
     return chosen, path, {"split": split, "path": path, "rows": len(rows), "scored": len(chosen),
-                          "fallback": split == "eval", "description": f"{len(chosen)} rows of {what}{cap}"}
+                          "fallback": split == "eval", "description": f"{plural(len(chosen), 'row')} of {what}{cap}"}
 
 
 def question_of(row: dict) -> str:

@@ -37,7 +37,7 @@ from hpc_finetune.data.clean import (
 )
 from hpc_finetune.data.source import FORMATS, columns, read_source, resolve_format
 from hpc_finetune.data.testset import read_test_path, require_fields
-from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import model_dir, read_json, write_json, write_jsonl
 from hpc_finetune.io.schema import option
 
@@ -147,12 +147,12 @@ def origin(record_path: str | None) -> dict | None:
 def summary_rows(report: dict) -> list[tuple[str, object]]:
     held = report["eval_source"]
     rows = [(k, report[k]) for k in ("format", "split", "input_rows", "kept", "train_rows", "eval_rows", "truncated")]
-    rows.append(("held out", f"split {held['split']} ({held['input_rows']} rows read)" if held["kind"] == "split"
+    rows.append(("held out", f"split {held['split']} ({plural(held['input_rows'], 'row')} read)" if held["kind"] == "split"
                  else f"eval_fraction {held['eval_fraction']} of the training rows"))
     test = report.get("test_source", {"kind": "none"})
-    rows.append(("test set", {"none": "none (the evaluate stage scores the held-out rows)",
-                              "path": f"{test.get('path')}: {test.get('kept')} rows",
-                              "split": f"split {test.get('split')}: {test.get('kept')} rows"}[test["kind"]]))
+    where = {"path": test.get("path"), "split": f"split {test.get('split')}"}.get(test["kind"])
+    rows.append(("test set", f"{where}: {plural(test.get('kept'), 'row')}" if where else
+                 "none (the evaluate stage scores the held-out rows)"))
     rows += [(f"dropped {k}", v) for k, v in report["dropped"].items()] + [("bos_stripped", report["bos_stripped"])]
     rows += [(f"held-out dropped {k}", v) for k, v in held.get("dropped", {}).items()]
     return rows + [(f"tokens {k}", v) for k, v in report["tokens"].items()]
@@ -166,7 +166,7 @@ def main(cfg: Config) -> dict:
         raise StageError(f"{where} has no rows")
     found = columns(source.rows)
     fmt, text_field = resolve_format(found, cfg.format, cfg.text_field, cfg.path)
-    log.info("read %d rows from %s: format %s%s", len(source.rows), where, fmt, f" ({text_field})" * (fmt == "text"))
+    log.info("read %s from %s: format %s%s", plural(len(source.rows), "row"), where, fmt, f" ({text_field})" * (fmt == "text"))
     from transformers import AutoTokenizer
 
     model = model_dir(cfg.model_json)
@@ -184,8 +184,8 @@ def main(cfg: Config) -> dict:
         held = clean(source.eval_rows, held_where, fmt, text_field, tokenizer, model, limits, exclude=keys)
         rng.shuffle(held.pairs)
         train_pairs, eval_pairs = pairs, held.pairs[: cfg.max_eval_samples]
-        log.info("held-out rows: split %s of the dataset (%d rows); dataset.eval_fraction does not apply",
-                 source.eval_split, len(eval_pairs))
+        log.info("held-out rows: split %s of the dataset (%s); dataset.eval_fraction does not apply",
+                 source.eval_split, plural(len(eval_pairs), "row"))
     else:
         train_pairs, eval_pairs = carve(pairs, cfg)
     seen = {json.dumps(row, sort_keys=True) for row, _ in train.pairs + eval_pairs}

@@ -8,7 +8,8 @@
 Sources: `demo` (the tiny model built by build_demo_model.py), `local` (a directory), and `hub`: a git-lfs
 clone of {hub-url}/{model-id} at a pinned revision into the shared cache (hpc_finetune.hub), checked and reused
 without network when complete. The record (model.json) holds the absolute path, the commit of a hub model,
-the parameter count read from the safetensors headers, and a fingerprint of the files.
+the parameter count read from the safetensors headers, and a fingerprint of the files. Every weight file is checked
+whole (header, and data that end exactly at the end of the file) before any job loads it.
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def model_directory(cfg: Config) -> tuple[Path, str | None]:
     return Path(cfg.path).expanduser().resolve(), None
 
 
+# The cache verified every LFS file against the sha256 the hub publishes: a damaged weight file is damaged there.
+HUB_FIX = ("git lfs fsck found it identical to the hub's file (sha256), so it is damaged as published at this commit: "
+           "pin another model.revision, or tell the model's publisher")
+
+
 def main(cfg: Config) -> dict:
     directory, commit = model_directory(cfg)
     try:
-        info = check_model_dir(directory)
+        info = check_model_dir(directory, HUB_FIX) if cfg.source == "hub" else check_model_dir(directory)
     except StageError as err:
         if cfg.source != "hub":
             raise

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import read_json, write_json, write_text
 from hpc_finetune.summary.manifest import artifacts, env_text, flatten, fmt, load_metrics, redact, versions
 
@@ -64,7 +64,7 @@ def main(cfg: Config) -> dict:
     ]
     rows += [(k, fmt(metrics[k])) for k in ("merge_max_abs_logit_diff", "base_eval_exact_match", "eval_exact_match")
              if k in metrics]
-    rows += [("artifacts", f"{len(manifest['artifacts'])} files"), ("manifest", manifest_path)]
+    rows += [("artifacts", plural(len(manifest['artifacts']), "file")), ("manifest", manifest_path)]
     log.info("\n%s", table(rows, f"Run {effective.get('run_name')}"))
     return manifest
 

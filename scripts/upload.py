@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_finetune.io.cli import StageError, cli, log, table
+from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import sha256_file, write_json
 from hpc_finetune.io.schema import option
 from hpc_finetune.storage import s3
@@ -62,7 +62,7 @@ def main(cfg: Config) -> dict:
     part_size = cfg.part_size_mb << 20
     objects, sent = [], 0
     pairs = files_to_upload(cfg, prefix)
-    log.info("uploading %d files to s3://%s/%s at %s", len(pairs), bucket, prefix, store.url)
+    log.info("uploading %s to s3://%s/%s at %s", plural(len(pairs), "file"), bucket, prefix, store.url)
     for path, key in pairs:
         digest, size = sha256_file(path), path.stat().st_size
         found = store.head(bucket, key)

@@ -76,7 +76,14 @@ def test_flat_and_nested_overrides_as_snakemake_passes_them():
         ({"training": {"target_modules": "everything"}}, "training.target_modules: 'everything' is not allowed"),
         ({"preset": "llama-9000"}, "preset: 'llama-9000' is not a known preset; allowed values: demo, llama3-8b-medical"),
         ({"hyperparameters": "fast"}, "hyperparameters: 'fast' is not a known preset"),
-        ({"run_name": "../escape"}, "run_name: '../escape' does not match"),
+        ({"run_name": "../escape"}, "run_name: '../escape' is not a name made of letters, digits, dots, underscores "
+                                    "and hyphens that starts with a letter or digit"),
+        ({"run_name": "my run"}, "run_name: 'my run' is not a name made of letters, digits"),
+        ({"model": {"revision": None}}, "model.revision is empty; set it to a branch, tag or commit (e.g. main, v1.0 "
+                                        "or a commit SHA)"),
+        ({"model": {"revision": ""}}, "model.revision is empty; set it to a branch, tag or commit"),
+        ({"model": {"revision": "a..b"}}, "model.revision: 'a..b' is not a branch, tag or commit"),
+        ({"dataset": {"revision": None}}, "dataset.revision is empty; set it to a branch, tag or commit"),
         ({"model": {"source": "local"}}, "model.path: required when model.source is local"),
         ({"colour": "blue"}, "unknown key 'colour' at the top level"),
         ({"training": {"optim": "adamw_magic"}},
@@ -90,7 +97,7 @@ def test_flat_and_nested_overrides_as_snakemake_passes_them():
         ({"hub_upload": {"repo_id": "lab/x", "publish": ["gguf"]}}, "hub_upload.publish.0: 'gguf' is not allowed; allowed values: adapter, merged"),
         ({"hub_upload": {"repo_id": "lab/x", "publish": ["merged"]}, "merge": {"merge_full_weights": False}},
          "hub_upload.publish: [merged] with merge.merge_full_weights false publishes nothing"),
-        ({"dataset": {"revision": "../up"}}, "dataset.revision: '../up' does not match"),
+        ({"dataset": {"revision": "../up"}}, "dataset.revision: '../up' is not a branch, tag or commit"),
         ({"training": {"convergence": {"window": 1}}}, "training.convergence.window: 1 is less than the minimum of 2"),
         ({"training": {"convergence": {"windw": 3}}},
          "unknown key 'windw' (did you mean 'window'?) under training.convergence"),
@@ -100,6 +107,25 @@ def test_invalid_config_names_the_key_and_the_allowed_values(override, expected)
     with pytest.raises(ConfigError) as err:
         resolve_config(DEMO | override)
     assert expected in str(err.value)
+    assert "does not match" not in str(err.value) and "None is not" not in str(err.value)
+
+
+def test_every_pattern_is_explained_in_words():
+    """A key with a pattern has a format_hint: its error says which characters are allowed, not a regex."""
+    def walk(spec, path):
+        for key, sub in spec.get("properties", {}).items():
+            if "pattern" in sub:
+                assert sub.get("format_hint"), f"{'.'.join([*path, key])} has a pattern and no format_hint"
+            walk(sub, [*path, key])
+
+    walk(load_schema(), [])
+
+
+def test_an_empty_revision_written_in_config_yaml_says_so():
+    """`revision:` with nothing after it is null in YAML."""
+    cfg = DEMO | {"model": yaml.safe_load("source: hub\nmodel_id: org/name\nrevision:\n")}
+    with pytest.raises(ConfigError, match=r"model.revision is empty; .* or remove the key to use the default$"):
+        resolve_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -224,3 +250,35 @@ def test_a_bad_test_set_stops_snakemake_before_any_job(tmp_path: Path):
     assert result.returncode != 0
     assert "test set test.jsonl (dataset.test_path) row 2: the messages format" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path", ["/data/nowhere/train.jsonl", "/data/nowhere", "data/missing.jsonl", "train.txt"])
+def test_a_dataset_path_that_names_a_missing_file_is_refused_at_start(path, tmp_path, monkeypatch):
+    """Absolute, or with a file suffix: a file on disk, not a hub name; missing, it is refused when Snakemake
+    starts instead of in the data stage (org/name and existing paths resolve as before)."""
+    from hpc_finetune.workflow.dataset import dataset_input
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(DEMO | {"dataset": {"path": path}})
+    with pytest.raises(ConfigError, match=f"config key dataset.path: {path} does not exist"):
+        dataset_input(cfg, str(tmp_path / "state"))
+    (tmp_path / "exists.jsonl").write_text("")
+    assert dataset_input(resolve_config(DEMO | {"dataset": {"path": "exists.jsonl"}})).inputs == ["exists.jsonl"]
+
+
+def test_snakemake_refuses_a_missing_dataset_file_before_planning(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "--dry-run", "--config",
+         "dataset__path=/data/nowhere/train.jsonl"], cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "Job stats" not in result.stdout + result.stderr
+    assert "config key dataset.path: /data/nowhere/train.jsonl does not exist; point it at a" in result.stderr
+
+
+def test_an_empty_section_or_number_says_what_to_write():
+    with pytest.raises(ConfigError, match="config key training is empty; set it to its keys, indented below it$"):
+        resolve_config(DEMO | {"training": None})
+    with pytest.raises(ConfigError, match="config key training.lora_r is empty; set it to a whole number, or remove "
+                                          "the key to use the default$"):
+        resolve_config(DEMO | {"training": {"lora_r": None}})

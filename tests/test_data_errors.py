@@ -49,6 +49,16 @@ def test_long_rows_error_names_the_rows(run, tmp_path):
         write_jsonl(tmp_path / "d.jsonl", rows), "2 rows longer than max_seq_length=256",
         "row 11 (", "row 12 (", "long_rows", long_rows="error",
     )  # fmt: skip
+    run.fails(write_jsonl(tmp_path / "one.jsonl", COUNTED), "1 row longer than max_seq_length=256", long_rows="error")
+
+
+def test_counts_agree_with_their_nouns():
+    """One helper puts every count before its noun (no "1 rows", no "1 bytes")."""
+    from hpc_finetune.io.cli import plural
+
+    assert [plural(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
+    assert plural(1, "logged train loss") == "1 logged train loss" and plural(3, "process") == "3 processes"
+    assert plural(2, "index", "indices") == "2 indices"
 
 
 def test_messages_without_assistant_content_are_empty(run, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import prepare_model
 import pytest
 from hpc_finetune.hub import snapshot as hub_cache
+from hpc_finetune.io.cli import StageError
 from support.hub import (
     SECRET,
     Hub,
@@ -212,3 +214,22 @@ def test_concurrent_runs_wait_for_each_other(shared_hub, tmp_path):
     assert sum("cloning" in log for log in logs) == 1, logs  # one run fetched, the other reused its work
     records = [json.loads((out / "model.json").read_text()) for out in outputs]
     assert records[0] == records[1] and git_lfs_fsck(Path(records[0]["path"])).returncode == 0
+
+
+def test_a_damaged_lfs_file_is_named_when_it_cannot_be_fetched_again(hub, tmp_path):
+    """The cache checks every LFS file's sha256 on each run (git lfs fsck); a damaged one is set aside and fetched
+    again. With the hub out of reach, the error names the file, the check it failed and the fix."""
+    snapshot = Path(fetch(hub, tmp_path)["path"])
+    obj = lfs_object(tmp_path, snapshot / "model.safetensors")
+    data = obj.read_bytes()
+    obj.unlink()  # a new file: the hub's object (hard-linked by git-lfs on file://) stays intact
+    obj.write_bytes(data[: len(data) // 2])
+    hub.remote.rename(hub.remote.with_name("gone"))
+    with pytest.raises(StageError) as err:
+        fetch(hub, tmp_path)
+    message = str(err.value)
+    assert re.search(r"model\.safetensors in \S+ failed its sha256 check \(git lfs fsck\)", message), message
+    assert "fetching it again failed" in message and "Run the model stage again where the hub is reachable" in message
+    hub.remote.with_name("gone").rename(hub.remote)
+    fetch(hub, tmp_path)  # the hub is back: repaired
+    assert git_lfs_fsck(snapshot).returncode == 0

@@ -106,7 +106,7 @@ def test_target_modules_that_match_nothing_are_refused_with_the_names_that_would
     with pytest.raises(StageError) as err:
         run(record, tmp_path, max_seq_length=256, target_modules=targets)
     bad = targets[-1]
-    assert f"training.target_modules: {bad!r} match no module of the model" in str(err.value)
+    assert f"training.target_modules: {bad!r} matches no module of the model" in str(err.value)
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in str(err.value)
     assert "lm_head" not in str(err.value)
     assert not (tmp_path / "preflight.json").exists()

@@ -27,6 +27,8 @@ from support.common import REPO, SNAKEMAKE
 from support.workflow import planned_jobs
 
 pytestmark = pytest.mark.e2e
+# A bound for a run that hangs, not a verdict on speed: the demo's 480 steps took 25 min on a loaded 2-core machine.
+RUN_TIMEOUT = 3600
 NO_ACCOUNTING = ["--slurm-status-command", "squeue"]  # the one override: this cluster has no sacct
 # Test speed only: the plugin waits 40 s before its first status check by default.
 QUICK_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3"]
@@ -64,7 +66,7 @@ class Run:
         return slurm_cluster.scontrol_job(ids[attempt])
 
 
-def slurm_command(*args: str, timeout: int = 1500) -> tuple[list[str], dict]:
+def slurm_command(*args: str, timeout: int = RUN_TIMEOUT) -> tuple[list[str], dict]:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return ["timeout", "-k", "10", str(timeout), *SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"),
             *NO_ACCOUNTING, *QUICK_POLLING, *args], env
@@ -74,7 +76,7 @@ def submitted(text: str) -> list[tuple[str, str, Path]]:
     return [(m.group(3), m.group(1), Path(m.group(2))) for m in SUBMITTED.finditer(text)]
 
 
-def slurm_snakemake(workdir: Path, *args: str, timeout: int = 1500, check: bool = True) -> Run:
+def slurm_snakemake(workdir: Path, *args: str, timeout: int = RUN_TIMEOUT, check: bool = True) -> Run:
     cmd, env = slurm_command(*args, timeout=timeout)
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     text = result.stdout + result.stderr
@@ -193,6 +195,45 @@ def test_snakemake_profile_slurm_works_as_written_after_make_install_profile(clu
     assert refused.returncode != 0 and "is not a link: left alone" in refused.stdout + refused.stderr
 
 
+def test_without_job_accounting_the_run_stops_at_start_with_the_flag_to_add(cluster, tmp_path):
+    """This cluster has no accounting, so sacct fails: without `--slurm-status-command squeue` the executor would
+    submit the first job and wait for its status forever. The workflow says so when it starts and submits
+    nothing; the dry run (which submits nothing either) still plans."""
+    workdir = fresh_project(tmp_path / "project")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = ["timeout", "-k", "10", "300", *SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"), *QUICK_POLLING,
+           "--config", *DEMO_RESOURCES]
+    assert subprocess.run(["sacct", "-X", "-n"], capture_output=True).returncode != 0  # the premise
+    result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    assert result.returncode not in (0, 124, 137), text[-4000:]
+    assert "Slurm job accounting does not answer on this cluster" in text and "sacct" in text, text[-4000:]
+    assert "Add `--slurm-status-command squeue`" in text and "Nothing was submitted" in text
+    assert submitted(text) == [] and not (workdir / "results").exists(), text[-4000:]
+    assert not (workdir / ".snakemake" / "locks").is_dir() or not any((workdir / ".snakemake" / "locks").iterdir())
+    dry = subprocess.run([*cmd, "--dry-run"], cwd=workdir, env=env, capture_output=True, text=True)
+    assert dry.returncode == 0 and "train" in planned_jobs(dry), dry.stderr[-3000:]
+
+
+def test_the_cluster_puts_back_the_configuration_it_found(cluster, tmp_path, monkeypatch):
+    """What the cluster fixture does on teardown: slurm.conf and gres.conf as they were before it wrote them
+    (absent, or another program's); one an earlier test session left behind is removed."""
+    conf, gres = tmp_path / "slurm.conf", tmp_path / "gres.conf"
+    monkeypatch.setattr(slurm_cluster, "SLURM_CONF", conf)
+    monkeypatch.setattr(slurm_cluster, "GRES_CONF", gres)
+    probe = slurm_cluster.Cluster(host=cluster.host, cpus=cluster.cpus, memory_mb=cluster.memory_mb)
+    gres.write_text("# the site's own\n")
+    probe.write_config()
+    assert slurm_cluster.MARKER in conf.read_text() and slurm_cluster.MARKER in gres.read_text()
+    probe.restore_config()
+    assert not conf.exists() and gres.read_text() == "# the site's own\n"
+    conf.write_text(f"{slurm_cluster.MARKER}\nleft by a killed session\n")
+    gres.unlink()
+    probe.write_config()
+    probe.restore_config()
+    assert not conf.exists() and not gres.exists()
+
+
 def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
     """Two GPUs allocated -> two training processes (torchrun, gloo on the CPU) in one job; the adapter they
     produce merges and reloads like a single-process one. Only the jobs after the change are submitted."""
@@ -220,26 +261,77 @@ def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
     assert (workdir / "results" / "demo" / "merged" / "model.safetensors").is_file()
 
 
+def trainer_pid(workdir: Path) -> int | None:
+    """The train stage's process (scripts/train.py) of the job running in workdir; None when there is none."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if len(argv) > 1 and argv[1].endswith(b"scripts/train.py") and (proc / "cwd").resolve() == workdir:
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def wait_for(what: str, done, controller: subprocess.Popen, output: Path, timeout: float = 600) -> None:
+    """Poll done() until it holds; fail (with the run's output) when the controller ends first or after timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        if controller.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen:\n{output.read_text()[-6000:]}")
+        time.sleep(0.1)
+
+
 def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_demo, tmp_path):
     """A 2-minute train job that has to stop 60 s before its limit: it saves a checkpoint and fails; the retry
-    (1.5x time and memory) resumes from that checkpoint and does only the steps that were left."""
-    demo_train = metrics(slurm_demo.workdir, "train")
-    steps_per_s = demo_train["steps"] / demo_train["train_seconds"]
-    # About 40 s of training fit before the stop: ask for ~2.5x that, so the first job cannot finish.
-    max_steps = max(60, round(steps_per_s * 40 * 2.5))
-    workdir = copy_project(slurm_demo.workdir, tmp_path / "project")
-    run = slurm_snakemake(workdir, "--retries", "3", "--config", *DEMO_RESOURCES, "resources__train_runtime=2",
-                          "resources__train_stop_before=60", f"training__max_steps={max_steps}",
-                          "training__eval_steps=1000", "training__save_steps=1000")
+    (1.5x time and memory) resumes from that checkpoint and does only the steps that were left.
+
+    Driven by events, not by how fast this machine trains: once training has made a step, the trainer is paused
+    (SIGSTOP) until the launcher has announced that the time limit is near, so the first job cannot finish early
+    on a fast machine; a slow one only makes the pause shorter."""
+    import signal
+
+    max_steps = 40
+    workdir = copy_project(slurm_demo.workdir, tmp_path / "project").resolve()
+    train_log = workdir / "results" / "demo" / "logs" / "train.log"
+    output = tmp_path / "snakemake.out"
+    cmd, env = slurm_command("--retries", "3", "--config", *DEMO_RESOURCES, "resources__train_runtime=2",
+                             "resources__train_stop_before=60", f"training__max_steps={max_steps}",
+                             "training__eval_steps=1000", "training__save_steps=1000", "training__logging_steps=1")
+
+    def log_text() -> str:
+        return train_log.read_text() if train_log.is_file() else ""
+
+    with open(output, "w") as sink:
+        controller = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_for("a training step", lambda: re.search(rf"(?<!eval )step \d+/{max_steps} ", log_text()),
+                     controller, output, timeout=RUN_TIMEOUT)
+            pid = trainer_pid(workdir)  # None: the signal came first and the trainer has already stopped
+            if pid:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_for("the launcher's stop before the time limit", lambda: "time limit is near" in log_text(),
+                         controller, output, timeout=300)
+            finally:
+                if pid:
+                    os.kill(pid, signal.SIGCONT)
+            assert controller.wait(RUN_TIMEOUT) == 0, output.read_text()[-8000:]
+        finally:
+            if controller.poll() is None:
+                controller.kill()
+    text = output.read_text()
+    run = Run(workdir, subprocess.CompletedProcess(cmd, 0, text, ""), submitted(text))
     rules = [rule for rule, _, _ in run.jobs]
     assert rules[-4:-2] == ["merge", "evaluate"] and sorted(rules[-2:]) == ["plots", "summary"], rules
-    assert set(rules[:-4]) == {"train"}, rules
-    assert len(run.job_ids("train")) >= 2, "the first train job finished inside its time limit; raise max_steps"
+    assert set(rules[:-4]) == {"train"} and len(run.job_ids("train")) >= 2, rules
 
     first = run.record("train", 0)
     assert first["JobState"] == "FAILED" and first["TimeLimit"] == "00:02:00" and "mem=3000M" in first["TRES"], first
-    output = run.result.stdout + run.result.stderr  # show-failed-logs: the failed attempt's train.log
-    assert re.search(r"stopped by SIGUSR1 at step \d+", output) and "time limit is near" in output, output[-6000:]
+    # show-failed-logs: the failed attempt's train.log
+    assert re.search(r"stopped by SIGUSR1 at step \d+", text) and "time limit is near" in text, text[-6000:]
     assert next(log for rule, _, log in run.jobs if rule == "train").is_file()  # the first attempt's job log
     last = run.record("train")
     assert last["JobState"] == "COMPLETED", last
@@ -247,11 +339,8 @@ def test_a_job_that_hits_its_time_limit_is_resumed_from_its_checkpoint(slurm_dem
 
     train = metrics(workdir, "train")
     resumed_at = int(train["resumed_from"].rsplit("-", 1)[1])
-    assert 0 < resumed_at < max_steps and train["steps"] == max_steps
-    redone = max_steps - resumed_at
-    assert redone < max_steps  # a fresh run would have done all max_steps
-    log = (workdir / "results" / "demo" / "logs" / "train.log").read_text()
-    assert f"resuming from checkpoint-{resumed_at}" in log, log[:3000]
+    assert 0 < resumed_at < max_steps and train["steps"] == max_steps  # a fresh run would have started at 0
+    assert f"resuming from checkpoint-{resumed_at}" in log_text(), log_text()[:3000]
 
 
 def fresh_project(path: Path) -> Path:

@@ -198,7 +198,7 @@ def test_the_demo_preset_takes_a_users_alpaca_json_and_wrong_targets_stop_before
     assert report["format"] == "alpaca" and report["kept"] == 60
     assert (run / "model" / "demo" / "tokenizer.json").is_file()
     preflight_log = (run / "logs" / "preflight.log").read_text()
-    assert "training.target_modules: 'no_such_proj' match no module of the model" in preflight_log
+    assert "training.target_modules: 'no_such_proj' matches no module of the model" in preflight_log
     assert "q_proj" in preflight_log and "Traceback" not in preflight_log
     assert not (run / "logs" / "train.log").exists() and not (run / "adapters").exists()
 

@@ -2,7 +2,9 @@
 `cpu` (default) and `gpu`, and two GPU gres backed by placeholder character devices (no CUDA behind them: jobs see
 CUDA_VISIBLE_DEVICES, torch sees no GPU, and the demo trains on the CPU).
 
-Needs root (packages, /etc/slurm, daemons). `start()` raises `Unavailable` with the reason when the cluster cannot be
+Needs root (packages, /etc/slurm, daemons). `stop()` puts back the configuration files it found (none, usually):
+a slurm.conf left behind makes every later `snakemake` start on this machine wait for the executor plugin's probe
+of a controller that is gone (~10 s). `start()` raises `Unavailable` with the reason when the cluster cannot be
 had; the fixture in test_slurm.py turns that into a skip, or into a failure when REQUIRE_SLURM=1 (CI).
 The recipe and its pitfalls: ../shared/NOTES.md, "A real Slurm cluster on one machine".
 """
@@ -63,6 +65,7 @@ class Cluster:
     gpus: int = 2
     processes: list[subprocess.Popen] = field(default_factory=list)
     started_munged: bool = False
+    found: dict[Path, bytes | None] = field(default_factory=dict)  # the config files before write_config
 
     def conf(self) -> str:
         state = STATE
@@ -107,6 +110,7 @@ PartitionName=gpu Nodes={self.host} Default=NO MaxTime=INFINITE State=UP
     def write_config(self) -> None:
         if SLURM_CONF.exists() and MARKER not in SLURM_CONF.read_text():
             raise Unavailable(f"{SLURM_CONF} exists and was not written by the tests: not touching a real cluster")
+        self.found = {path: path.read_bytes() if path.exists() else None for path in (SLURM_CONF, GRES_CONF)}
         for sub in ("ctld", "d", "dev"):
             (STATE / sub).mkdir(parents=True, exist_ok=True)
         for i in range(self.gpus):  # character devices: regular files and count-only gres are refused
@@ -177,6 +181,17 @@ PartitionName=gpu Nodes={self.host} Default=NO MaxTime=INFINITE State=UP
             except (ValueError, ProcessLookupError):
                 pass
             self.started_munged = False
+        self.restore_config()
+
+    def restore_config(self) -> None:
+        """Put back what write_config found; a file an earlier test session left behind (with MARKER) counts as
+        none found."""
+        for path, before in self.found.items():
+            if before is None or MARKER.encode() in before:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(before)
+        self.found = {}
 
 
 def start() -> Cluster:

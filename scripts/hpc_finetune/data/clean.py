@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from hpc_finetune.data.source import is_empty, normalise
-from hpc_finetune.io.cli import StageError
+from hpc_finetune.io.cli import StageError, plural
 
 LONG_ROWS = ("drop", "truncate", "error")
 DROP_REASONS = ("empty", "duplicate", "too_long")
@@ -62,7 +62,7 @@ def clean(rows: list[dict], where: str, fmt: str, text_field: str, tokenizer, mo
     if long and limits.long_rows == "error":
         first = ", ".join(f"row {numbers[i]} ({lengths[i]} tokens)" for i in long[:5])
         raise StageError(
-            f"{where}: {len(long)} rows longer than max_seq_length={limits.max_seq_length} tokens: "
+            f"{where}: {plural(len(long), 'row')} longer than max_seq_length={limits.max_seq_length} tokens: "
             f"{first}{', ...' * (len(long) > 5)}. Raise training.max_seq_length or set dataset.long_rows to "
             "drop or truncate"
         )
@@ -89,7 +89,7 @@ def check_dropped(part: Part, fmt: str, text_field: str, limits: Limits) -> None
     }
     why = "no rows left" if not part.pairs else f"more than dataset.max_dropped_fraction={limits.max_dropped_fraction}"
     raise StageError(
-        f"{part.where}: {sum(dropped.values())} of {part.input_rows} rows dropped "
+        f"{part.where}: {sum(dropped.values())} of {plural(part.input_rows, 'row')} dropped "
         f"({', '.join(f'{n} {reason}' for reason, n in dropped.items()) or 'none'}), {why}. Likely fix: "
         + ("; ".join(hints[reason] for reason in dropped) or "check dataset.path")
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from hpc_finetune.evaluate.labels import UNMATCHED
 from hpc_finetune.evaluate.metrics import MODELS
+from hpc_finetune.io.cli import plural
 
 # metric key in evaluate.json "metrics" -> the name people read; in this order
 NAMES = {
@@ -54,7 +55,7 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def summary_rows(m: dict) -> list[tuple[str, Any]]:
     """The log's summary table."""
-    rows = [(name, f"{fmt(base)} -> {fmt(tuned)}  ({n} rows)") for name, base, tuned, n in comparison_rows(m)]
+    rows = [(name, f"{fmt(base)} -> {fmt(tuned)}  ({plural(n, 'row')})") for name, base, tuned, n in comparison_rows(m)]
     rows += [
         ("scored on", m["scored_on"]["description"]),
         ("train loss base -> tuned", f"{fmt(m['base_train_loss'])} -> {fmt(m['finetuned_train_loss'])}"),

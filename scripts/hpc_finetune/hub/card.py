@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpc_finetune.io.cli import plural
+
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -81,7 +83,7 @@ def evaluation(evaluate: dict | None) -> str:
             base_value = "" if evaluate.get(base) is None else f"{evaluate[base]:.4g}"
             lines.append(f"| {name} | {base_value} | {evaluate[tuned]:.4g} |")
     rows_used = evaluate.get("eval_loss_rows")
-    return "\n".join(lines) + (f"\n\nHeld-out loss over {rows_used} rows the model was not trained on." if rows_used
+    return "\n".join(lines) + (f"\n\nHeld-out loss over {plural(rows_used, 'row')} the model was not trained on." if rows_used
                                else "")
 
 

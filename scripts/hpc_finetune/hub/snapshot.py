@@ -199,7 +199,17 @@ class Snapshot:
             log.warning("%s: corrupt LFS objects moved aside, fetching them again: %s", self.label, "; ".join(corrupt))
         missing = self.missing(needed)
         if missing:
-            self.download(missing, needed)
+            try:
+                self.download(missing, needed)
+            except StageError as err:
+                damaged = [e.path for e in missing if any(e.oid in line or e.path in line for line in corrupt)]
+                if not damaged:
+                    raise
+                raise StageError(
+                    f"model {self.label}: {', '.join(damaged)} in {self.path} failed its sha256 check (git lfs fsck) "
+                    f"and was set aside; fetching it again failed: {str(err).removeprefix(f'model {self.label}: ')}. "
+                    "Run the model stage again where the hub is reachable: it fetches only the damaged file"
+                ) from None
             problems = self.fsck() + [f"{e.path} was not downloaded" for e in self.missing(needed)]
             if problems:
                 raise StageError(

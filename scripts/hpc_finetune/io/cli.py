@@ -101,3 +101,11 @@ def table(rows: list[tuple[str, Any]], title: str = "") -> str:
     lines = [title, "-" * max(len(title), width + 20)] if title else []
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 row', '2 rows', '1 process', '3 processes'; `many` for an irregular plural. Every message that puts a
+    count before a noun uses it (no "1 rows")."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {many or noun + ('es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's')}"

@@ -11,13 +11,30 @@ from pathlib import Path
 from hpc_finetune.hub.snapshot import is_lfs_pointer
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import read_json
-from hpc_finetune.model.weights import header_parameters, weight_files
+from hpc_finetune.model.weights import check_pickle, check_safetensors, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+LOCAL_FIX = "copy or download that file again from where the model came from"
 
 
-def check_model_dir(directory: Path) -> dict:
-    """Validate a model directory; return what the record needs. Errors name the directory and the fix."""
+def check_weights(weights: list[Path], fix: str = LOCAL_FIX) -> int | None:
+    """Every weight file whole (check_safetensors, check_pickle): a cut-off or corrupt one is named with the fix
+    here, not by the loader in the train job. Returns the parameter count (None for .bin weights)."""
+    params = 0
+    for path in weights:
+        try:
+            if path.suffix == ".safetensors":
+                params += check_safetensors(path)
+            else:
+                check_pickle(path)
+        except StageError as err:
+            raise StageError(f"{err}; {fix}") from None
+    return params if weights[0].suffix == ".safetensors" else None
+
+
+def check_model_dir(directory: Path, fix: str = LOCAL_FIX) -> dict:
+    """Validate a model directory; return what the record needs. Errors name the directory (or the file) and the
+    fix; `fix` says how to replace a damaged weight file."""
     if not directory.is_dir():
         raise StageError(f"model directory {directory} does not exist; set model.path to a downloaded model")
     pointers = sorted(p.name for p in directory.iterdir() if is_lfs_pointer(p))
@@ -35,7 +52,7 @@ def check_model_dir(directory: Path) -> dict:
             "config.json"
         )
     weights = weight_files(directory)
-    params = sum(header_parameters(w) for w in weights) if weights[0].suffix == ".safetensors" else None
+    params = check_weights(weights, fix)
     return {"config": model_config, "weights": weights, "num_parameters": params}
 
 

@@ -10,11 +10,12 @@ import json
 import math
 import os
 import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpc_finetune.io.cli import StageError
+from hpc_finetune.io.cli import StageError, plural
 from hpc_finetune.io.files import read_json
 
 WEIGHT_LAYOUTS = (
@@ -77,15 +78,60 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         try:
             (size,) = struct.unpack("<Q", raw)
             header = json.loads(fh.read(size))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
-            raise StageError(f"model weights {path}: not a valid safetensors file (corrupt or truncated)") from None
+            if not isinstance(header, dict):
+                raise ValueError(header)
+        except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+            raise StageError(f"model weights {path}: not a valid safetensors file: its header is unreadable (the "
+                             f"file is cut off or corrupt, {os.path.getsize(path):,} bytes)") from None
     header.pop("__metadata__", None)
     return header, 8 + size
 
 
-def header_parameters(path: str | os.PathLike) -> int:
-    """Parameter count of a safetensors file from its header, without loading any tensor."""
-    return sum(math.prod(info["shape"]) for info in read_header(path)[0].values())
+# Bytes per element of the safetensors dtypes (a tensor's data must be exactly numel x this).
+ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def check_safetensors(path: str | os.PathLike) -> int:
+    """What the safetensors loader checks before reading, from the header alone (no tensor is read): the header
+    parses, the tensors' data lie back to back, each of the size its shape and dtype give, and the last one ends
+    exactly at the end of the file. A StageError says what is wrong (cut off: how many bytes are missing);
+    returns the parameter count."""
+    header, start = read_header(path)
+    actual = os.path.getsize(path)
+    try:
+        spans = sorted((*map(int, info["data_offsets"]), name, info) for name, info in header.items())
+        end = 0
+        for begin, stop, name, info in spans:
+            size = ST_SIZES.get(info["dtype"])
+            if begin != end or stop < begin or (size is not None and stop - begin != math.prod(info["shape"]) * size):
+                raise StageError(f"model weights {path}: the header is inconsistent at tensor {name} (its data "
+                                 f"{begin}-{stop} does not follow the previous tensor's end {end} or does not match its "
+                                 "shape): the file is corrupt")
+            end = stop
+    except (KeyError, TypeError, ValueError):
+        raise StageError(f"model weights {path}: the header lists tensors without dtype, shape or data_offsets: the "
+                         "file is corrupt") from None
+    expected = start + end
+    if actual < expected:
+        raise StageError(f"model weights {path}: cut off: the file has {actual:,} bytes but its header places tensor "
+                         f"data up to byte {expected:,} ({plural(expected - actual, 'byte')} missing)")
+    if actual > expected:
+        raise StageError(f"model weights {path}: {plural(actual - expected, 'byte')} follow the end of the last tensor (the "
+                         f"header accounts for {expected:,} of its {actual:,} bytes): the file is corrupt")
+    return sum(math.prod(info["shape"]) for info in header.values())
+
+
+def check_pickle(path: str | os.PathLike) -> None:
+    """A PyTorch .bin is a zip archive (torch.save since 1.6; its directory is at the very end, so a cut-off file
+    has none) or, from older versions, a pickle; anything else is damaged. Nothing is unpickled."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if zipfile.is_zipfile(path) or magic[:1] == b"\x80":
+        return
+    raise StageError(f"model weights {path}: not a complete PyTorch weight file ("
+                     + ("a zip archive without its directory at the end: cut off" if magic == b"PK" else
+                        "neither a zip archive nor a pickle: corrupt") + f", {os.path.getsize(path):,} bytes)")
 
 
 def element_size(st_dtype: str) -> int:

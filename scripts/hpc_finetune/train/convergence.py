@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 
 from hpc_finetune.io.cli import StageError, log
+from hpc_finetune.io.cli import plural as n
 from hpc_finetune.io.schema import option
 
 ORDER = {"ok": 0, "skipped": 0, "warning": 1, "failed": 2}
@@ -81,10 +82,6 @@ def series(history: list[dict], key: str) -> list[tuple[int, float]]:
 
 def g(value: float) -> str:
     return f"{value:.4g}"
-
-
-def n(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 # --- the checks -------------------------------------------------------------------------------------------------
@@ -212,7 +209,7 @@ def learning_rate(history: list[dict], schedule: Schedule, s: Settings) -> Check
              if min(abs(value - schedule.rate(step - 1)), abs(value - schedule.rate(step))) > allowed]
     if not wrong:
         return Check("ok", f"follows the {schedule.kind} schedule (peak {g(schedule.peak)}, {schedule.warmup_steps} "
-                           f"warmup of {schedule.total_steps} steps) at {len(rates)} logged steps")
+                           f"warmup of {n(schedule.total_steps, 'step')}) at {n(len(rates), 'logged step')}")
     step, value, expected = wrong[0]
     if step <= schedule.warmup_steps:
         what = f"never warmed up as configured ({schedule.warmup_steps} warmup steps" + (
@@ -222,7 +219,7 @@ def learning_rate(history: list[dict], schedule: Schedule, s: Settings) -> Check
     else:
         what = f"is below the {schedule.kind} schedule"
     return Check("warning", f"learning rate {what}: {g(value)} at step {step}, expected {g(expected)} "
-                            f"({len(wrong)} of {len(rates)} logged steps off by more than {s.lr_tolerance:.0%} of "
+                            f"({len(wrong)} of {n(len(rates), 'logged step')} off by more than {s.lr_tolerance:.0%} of "
                             "the peak)")
 
 

@@ -65,8 +65,9 @@ def check_targets(model, target_modules: str | list[str], model_path: str) -> No
         head = model.get_output_embeddings()
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear) and module is not head})
+        verb = "matches" if len(missing) == 1 else "match"
         raise StageError(
-            f"training.target_modules: {', '.join(map(repr, missing))} match no module of the model {model_path}. "
+            f"training.target_modules: {', '.join(map(repr, missing))} {verb} no module of the model {model_path}. "
             f"Its linear layers are named {', '.join(linear)}; list some of them, or set training.target_modules "
             "to all-linear"
         )

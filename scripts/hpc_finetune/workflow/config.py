@@ -79,9 +79,20 @@ def _schema_at(schema: dict, path: list) -> dict:
     return node
 
 
+_KINDS = {"object": "its keys, indented below it", "array": "a list", "integer": "a whole number",
+          "number": "a number", "boolean": "true or false", "string": "a value"}
+
+
 def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     path = [str(p) for p in error.absolute_path]
     key = ".".join(path) or "(top level)"
+    if error.instance in (None, "") and error.validator in ("type", "minLength", "pattern"):
+        # `revision:` with nothing after it reads as null: say that, not "None is not of type 'string'"
+        kind = error.schema.get("type")
+        kind = next((t for t in kind if t != "null"), "") if isinstance(kind, list) else kind
+        what = error.schema.get("format_hint") or _KINDS.get(kind, "a value")
+        keep = ", or remove the key to use the default" if error.schema.get("default") not in (None, "", {}, []) else ""
+        return f"config key {key} is empty; set it to {what}{keep}"
     if error.validator == "additionalProperties":
         known = sorted(_schema_at(schema, path).get("properties", {}))
         extra = sorted(set(error.instance) - set(known))

@@ -46,10 +46,28 @@ def planned(state_dir: str, where: list, main_process: bool, ask) -> dict | None
     return answer
 
 
+def check_local_path(path: str) -> None:
+    """A dataset.path that can only mean a file or directory on disk (absolute, or with a file suffix) must exist
+    when Snakemake starts; otherwise the dry run would plan and the data stage fail later. A name that is neither
+    (org/name, data/train.jsonl excepted) is a hub dataset."""
+    from hpc_finetune.data.source import FILE_TYPES
+    from hpc_finetune.hub.request import MODEL_ID
+
+    local = Path(path).expanduser()
+    suffix = local.suffix.lower()
+    file_like = local.is_absolute() or suffix in FILE_TYPES or (suffix and not MODEL_ID.fullmatch(path))
+    if file_like and not local.exists():
+        where = f" (relative to {Path.cwd()}, where Snakemake runs)" if not local.is_absolute() else ""
+        raise ConfigError(f"config key dataset.path: {path} does not exist{where}; point it at a "
+                          f"{'/'.join(FILE_TYPES)} file, a directory of one, or a hub dataset name org/name")
+
+
 def dataset_input(cfg: dict, state_dir: str = ".snakemake/hpc_finetune", main_process: bool = True) -> DatasetInput:
     ds = cfg["dataset"]
     from hpc_finetune.data import hub
 
+    if not ds["path"].startswith("s3://"):
+        check_local_path(ds["path"])
     if hub.is_hub_dataset(ds["path"]):
         return hub_input(cfg, state_dir, main_process)
     if not ds["path"].startswith("s3://"):

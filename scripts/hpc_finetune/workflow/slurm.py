@@ -1,7 +1,10 @@
 """Portable resources of the rules that Slurm turns into sbatch options: memory and time that grow on each retry,
-and the GPU and node placement of the train job."""
+and the GPU and node placement of the train job; and the check, when the workflow starts, that the slurm executor
+can learn when a job ends."""
 
 from __future__ import annotations
+
+import subprocess
 
 
 def scaled(cfg: dict, base: int):
@@ -25,3 +28,30 @@ def train_placement(cfg: dict) -> dict:
     if res["gpus"]:
         placement["gres"] = f"gpu:{res['gpus']}"
     return placement
+
+
+def status_command_problem(executor: str | None, status_command: str | None, timeout: float = 30) -> str | None:
+    """Why the slurm executor would hang, or None. It learns that a job ended from `sacct` unless told to use
+    `squeue`; where job accounting is off, sacct fails on every poll and the plugin keeps waiting, silently, after
+    the first job has finished. Asked once when the workflow starts (onstart, before anything is submitted)."""
+    if executor != "slurm" or status_command == "squeue":
+        return None
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,State", "-S", "now"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        why = "sacct is not installed here"
+    except subprocess.TimeoutExpired:
+        why = f"`{' '.join(cmd)}` did not answer within {timeout:.0f} s"
+    else:
+        if result.returncode == 0:
+            return None
+        said = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        why = f"`{' '.join(cmd)}` exited with {result.returncode}: {said[-1] if said else 'no message'}"
+    return (
+        f"Slurm job accounting does not answer on this cluster ({why}). The slurm executor asks sacct whether a job "
+        "has ended: it would submit the first job and then wait for it forever. Add `--slurm-status-command squeue` "
+        "to the snakemake command line, or `slurm-status-command: squeue` to the profile (profiles/slurm/config.yaml; "
+        "squeue lists finished jobs for MinJobAge seconds, which slurm.conf should set to 120 or more), and start "
+        "again. Nothing was submitted."
+    )
