@@ -23,10 +23,7 @@ from hpc_finetune.workflow import container as workflow_container
 from hpc_finetune.workflow.config import resolve_config
 from support import container_standin
 from support.common import REPO
-from support.container import DEF, NEEDS_SIFTOOL, git, pins, sections, stage
-
-pytestmark = NEEDS_SIFTOOL
-
+from support.container import DEF, git, pins, sections, stage
 
 # --- the definition file --------------------------------------------------------------------------------------
 
