@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import container_standin
 from support.common import DEMO_DATA, DEMO_SECRET, REPO
-from support.container import PartsRepo
+from support.container import PartsRepo, require_siftool
 from support.cpu_features import simulate_cpu_without_avx512_bf16
 from support.data import Run
 from support.hub import Hub
@@ -95,7 +95,14 @@ def hub_endpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sif(tmp_path_factory) -> Path:
+def siftool() -> None:
+    """Debian's siftool, which makes every SIF the container tests use: a skip without it, a failure with
+    REQUIRE_SIFTOOL=1 (support/container.py)."""
+    require_siftool()
+
+
+@pytest.fixture(scope="session")
+def sif(siftool, tmp_path_factory) -> Path:
     """A real SIF image (siftool)."""
     return container_standin.make_sif(tmp_path_factory.mktemp("sif") / "finetune.sif")
 
@@ -108,8 +115,9 @@ def parts_repo(sif, tmp_path) -> PartsRepo:
 
 
 @pytest.fixture
-def standin(tmp_path, monkeypatch) -> Path:
-    """The stand-in `apptainer` first on PATH; returns its log of calls."""
+def standin(siftool, tmp_path, monkeypatch) -> Path:
+    """The stand-in `apptainer` first on PATH (its pull and build make SIFs with siftool); returns its log of
+    calls."""
     container_standin.install(tmp_path / "standin-bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'standin-bin'}:{os.environ['PATH']}")
     log = tmp_path / "standin.jsonl"

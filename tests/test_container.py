@@ -23,11 +23,8 @@ from hpc_finetune.io.files import sha256_file
 from hpc_finetune.workflow import container as workflow_container
 from hpc_finetune.workflow.config import resolve_config
 from support import container_standin
-from support.container import DEF, NEEDS_SIFTOOL, git, sections, stage
+from support.container import DEF, git, sections, stage
 from tools import lock
-
-pytestmark = NEEDS_SIFTOOL
-
 
 # --- the definition file --------------------------------------------------------------------------------------
 

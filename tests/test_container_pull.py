@@ -15,11 +15,8 @@ from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import sha256_file
 from support import container_standin
 from support.common import REPO
-from support.container import DEF, NEEDS_SIFTOOL, stage
+from support.container import DEF, stage
 from support.s3 import isolate_aws, moto_auth, s3_key, s3_put
-
-pytestmark = NEEDS_SIFTOOL
-
 
 # --- sources: pull --------------------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ METRIC_KEYS = {
 }
 SAMPLE_KEYS = {"index", "split", "question", "prompt", "reference", "base_answer", "finetuned_answer", "base_exact",
                "finetuned_exact", "base_f1", "finetuned_f1", "base_rouge_l", "finetuned_rouge_l"}
+LOSS_TOLERANCE = 1e-6  # relative, the stage's answer loss against the one computed by hand
 SIDE = ["answer loss", "perplexity", "exact match", "token F1", "ROUGE-L F"]
 
 
@@ -136,6 +137,64 @@ def test_without_a_test_set_the_eval_rows_are_scored_and_the_report_says_so(merg
         assert side[name]["rows"] == 3
     assert side["answer_loss"] == {"base": metrics["base_eval_loss"], "finetuned": metrics["finetuned_eval_loss"],
                                    "rows": 3}
+
+
+def answer_loss_by_hand(model_dir: Path, rows: list[dict]) -> dict:
+    """The answer loss computed here, apart from the product: each chat row alone (no batch, no padding) through
+    the model in float32, log-probabilities in float64. The answer is what the chat template renders after the
+    prompt (every turn but the last, with the generation prompt): the tokens of the whole chat whose characters
+    end past the prompt's (offsets, not the product's comparison of two tokenisations); each is predicted from
+    the tokens before it. The loss is the sum of their negative log-likelihoods over the number of answer tokens of
+    all rows. Also what other definitions would give, so that the test shows it tells them apart."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    answers, prompts, last_turn_ends = [], [], []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+        chat = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        assert chat.startswith(prompt) and row["messages"][-1]["content"] in chat[len(prompt):]
+        encoded = tokenizer(chat, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        nll = [-float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]  # nll[i - 1]: token i given the ones before
+        first = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(prompt))
+        assert first > 0
+        answers.append(nll[first - 1:])
+        prompts.append(nll[: first - 1])
+        last_turn_ends.append(ids[-1] == tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    tokens = sum(len(a) for a in answers)
+    return {
+        "loss": sum(map(sum, answers)) / tokens,
+        "tokens": tokens,
+        "other definitions": {
+            "mean of the rows' means": sum(sum(a) / len(a) for a in answers) / len(answers),
+            "prompt tokens counted too": (sum(map(sum, answers)) + sum(map(sum, prompts)))
+            / (tokens + sum(map(len, prompts))),
+            "end of turn left out": sum(sum(a[:-1]) for a in answers) / (tokens - len(answers)),
+        },
+        "every answer ends with the end of turn": all(last_turn_ends),
+    }
+
+
+def test_the_answer_loss_is_the_mean_over_reference_tokens_computed_by_hand(merged_run, work):
+    """The evaluate stage's answer loss against a reference computed by hand (answer_loss_by_hand) for the base and
+    the merged model: prompt tokens excluded, the mean over the answer tokens of all rows (token-weighted), the
+    end-of-turn token included. The product batches and pads in float32, the reference goes row by row in float64:
+    measured 5e-8 apart (relative), the tolerance is 1e-6. The other definitions (the mean of per-row means, prompt
+    tokens counted, the end of turn left out) are 8e-4 to 8e-3 away: a changed definition fails here."""
+    metrics, _ = merged_run
+    rows = demo_rows(10, 13)  # the eval rows merged_run scored (no test set)
+    for side, directory in (("base", work["base"]), ("finetuned", work["merged"])):
+        hand = answer_loss_by_hand(directory, rows)
+        assert hand["every answer ends with the end of turn"]
+        assert metrics[f"{side}_eval_loss"] == pytest.approx(hand["loss"], rel=LOSS_TOLERANCE), side
+        assert metrics["eval_loss_tokens"] == hand["tokens"] and metrics["eval_loss_rows"] == len(rows)
+        for name, other in hand["other definitions"].items():
+            assert abs(other - hand["loss"]) > 100 * LOSS_TOLERANCE * hand["loss"], (side, name, other, hand["loss"])
 
 
 def test_a_test_set_is_scored_instead_and_both_files_hold_one_row_per_prompt(work):

@@ -1,11 +1,14 @@
 """The GPU check (scripts/tools/gpu_check.py): its dry run on the CPU writes every step's JSON with sane figures and
 the summary; time caps and the budget stop steps; the bundle's pins, its slimmed bitsandbytes, and the 64 MiB
-the device tool carries; the printed `run` call."""
+the device tool carries; the printed `run` call. No verdict here depends on how fast the machine is: the dry run's
+steps run to their end (no caps), and the cap and budget tests use a step that never ends by itself and a budget
+that is spent before the first step."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,11 +28,12 @@ OUT_FILES = {"env.json", "a.json", "b.json", "c.json", "d.json", "e.json", "summ
 
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One dry run of the whole check (every step, small sizes), shared by the tests that read it."""
+    """One dry run of the whole check (every step, small sizes), shared by the tests that read it. Its steps have
+    no time caps; the timeout here only keeps a hung run from holding the suite."""
     root = tmp_path_factory.mktemp("gpu-check")
     out = root / "out"
     proc = subprocess.run([sys.executable, str(TOOL), "--dry", "--out", str(out), "--work", str(root / "work")],
-                          capture_output=True, text=True, cwd=REPO, timeout=1500)
+                          capture_output=True, text=True, cwd=REPO, timeout=3600)
     return out, proc
 
 
@@ -44,7 +48,7 @@ def test_the_dry_run_passes_and_writes_at_most_eight_files(dry):
     summary = figures(out, "summary")
     assert summary["dry"] is True and set(summary["steps"]) == {"m", "a", "b", "c", "d", "e"}
     assert all(s["status"] == "ok" and s["problems"] == [] for s in summary["steps"].values()), summary["steps"]
-    assert summary["elapsed_s"] <= summary["budget_s"]
+    assert summary["budget_s"] is None and all(s["timeout_s"] is None for s in summary["steps"].values())
     for line in ("GPU check (dry run on the CPU)", "c:padding-free", "c:liger"):
         assert line in proc.stdout
     for step in "mabcde":
@@ -105,16 +109,20 @@ def test_the_seed_quick_test_trained_the_rows_for_one_epoch(dry):
 
 
 def test_a_step_past_its_cap_is_killed_with_its_children(tmp_path):
-    """The time cap holds for a whole process tree: the step and what it started."""
+    """The time cap holds for a whole process tree: the step and what it started. The step sleeps 300 s and never
+    ends by itself: it is killed (by a signal), not before its cap, and its grandchild with it."""
     pid_file = tmp_path / "grandchild.pid"
     script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
               f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     log = tmp_path / "x.log"
     log.write_text("started\n")
-    start = time.perf_counter()
+    while not pid_file.is_file() or not pid_file.read_text():  # the tree is whole: the clock starts now
+        assert proc.poll() is None
+        time.sleep(0.05)
     done = gpucheck.wait_all([gpucheck.Running("x", proc, log, time.perf_counter(), 3)])
-    assert done["x"]["status"] == "timeout" and time.perf_counter() - start < 30
+    assert done["x"]["status"] == "timeout" and done["x"]["elapsed_s"] >= 3 and done["x"]["timeout_s"] == 3
+    assert proc.returncode in (-signal.SIGTERM, -signal.SIGKILL), proc.returncode
     grandchild = int(pid_file.read_text())
     assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -284,6 +285,61 @@ def test_bfloat16_merge_is_judged_against_float32(work):
     with safe_open(work["root"] / "bf16" / "model.safetensors", framework="pt") as fh:
         assert {str(fh.get_tensor(k).dtype) for k in fh.keys()} == {"torch.bfloat16"}
     assert json.loads((work["root"] / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory) -> dict:
+    """An adapter the train stage trained (4-bit QLoRA on demo chats, 8 steps: loss 9.8 -> 3.5), and the merge
+    inputs around it."""
+    import train
+    from support.train_stage import make_config
+
+    root = tmp_path_factory.mktemp("trained")
+    chats = demo_rows(0, 40)
+    cfg = make_config(tiny_model, root / "train", chats[:32], chats[32:])
+    train.main(cfg)
+    (root / "model.json").write_text(json.dumps({"path": str(tiny_model)}))
+    return {"root": root, "model_json": str(root / "model.json"), "adapter": Path(cfg.output_dir),
+            "eval": write_rows(root / "eval.jsonl", chats[32:])}
+
+
+def wrong_merge(kind: str, base_dir: Path):
+    """save_weights of the merge stage, with the adapter dropped (the base's weights saved) or doubled
+    (W + 2BA saved, from the merged W + BA): what a merge bug would write."""
+    import torch
+    from hpc_finetune.merge.save import save_weights
+    from transformers import AutoModelForCausalLM
+
+    def save(model, directory, fmt, max_shard_size):
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).state_dict()
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                exact = base[name] if kind == "dropped" else 2 * tensor.float() - base[name]
+                tensor.copy_(exact.to(tensor.dtype))
+        save_weights(model, directory, fmt, max_shard_size)
+
+    return save
+
+
+def test_bf16_check_rejects_a_dropped_or_doubled_trained_adapter(trained, tiny_model, monkeypatch):
+    """The bf16 check (GPU default) on a trained adapter, through the stage: the right merge passes; a merge that
+    drops or doubles the adapter, put in at the stage's save, stops the stage with nothing written. The adapter's
+    effect is far above what bf16 rounding is allowed (else the check could not see it and would say so)."""
+    import merge
+    from hpc_finetune.io.cli import StageError
+    from hpc_finetune.merge import methods
+
+    right = merge.main(config(trained, "bf16", dtype="bfloat16"))
+    allowed = 2 * right["dtype_error"] + right["tolerance"]
+    assert right["merged_vs_float32"] <= allowed < right["adapter_effect_max_abs_logit"] / 3, right
+    for kind in ("dropped", "doubled"):
+        monkeypatch.setattr(methods, "save_weights", wrong_merge(kind, tiny_model))
+        cfg = config(trained, kind, dtype="bfloat16")
+        with pytest.raises(StageError, match=r"does not reproduce base\+adapter: .*vs float32 base\+adapter") as err:
+            merge.main(cfg)
+        far = float(re.search(r"merged ([\d.e+-]+)", str(err.value)).group(1))
+        assert far > 2 * allowed, (kind, far, allowed)
+        assert not Path(cfg.output_dir).exists() and not Path(cfg.report_out).exists()
 
 
 def test_16bit_rule_admits_rounding_not_a_wrong_merge():

@@ -20,32 +20,36 @@ from support.common import DEMO_DATA
 from support.train_stage import STEPS, make_config
 
 
-def busy(seconds: float) -> int:
-    end, n = time.monotonic() + seconds, 0
-    while time.monotonic() < end:
+def busy(cpu_seconds: float) -> int:
+    """Work until this process has used `cpu_seconds` more CPU time: the same work on a fast or a loaded machine
+    (a wall-clock loop gets less CPU the busier the machine)."""
+    end, n = time.process_time() + cpu_seconds, 0
+    while time.process_time() < end:
         n += sum(i * i for i in range(1000))
     return n
 
 
 def test_the_sampler_records_the_process_over_time(tmp_path):
+    """Driven by CPU time used, not by wall time: the verdicts hold on a loaded machine (the CPU-time match is
+    exact up to what runs between the first sample and the block, and after the last one)."""
     path = tmp_path / "resources.csv"
-    steps = iter(range(1000))
-    cpu_before = time.process_time()
+    steps = iter(range(100000))
     with ResourceSampler(path, 0.1, step=lambda: next(steps)) as sampler:
+        cpu_before = time.process_time()
         ballast = bytearray(64 << 20)  # 64 MiB more resident memory while it runs
         ballast[::4096] = b"x" * len(ballast[::4096])
         busy(0.8)
-    used = time.process_time() - cpu_before
+        used = time.process_time() - cpu_before
     rows = read_resources(path)
     cpu = [r for r in rows if r["device"] == "cpu"]
     assert list(rows[0]) == list(COLUMNS) and len(cpu) >= 4  # start, every 0.1 s, end
     times = [float(r["elapsed_s"]) for r in cpu]
-    assert times == sorted(times) and times[-1] >= 0.8
+    assert times == sorted(times) and times[-1] >= 0.75  # at least the busy thread's CPU time
     assert [int(r["step"]) for r in cpu] == sorted(int(r["step"]) for r in cpu)
     # each CPU percent covers the time since the sample before: together they add up to the CPU time used
     sampled = sum(float(r["utilization_pct"]) / 100 * (t - t0) for r, t, t0 in
                   zip(cpu[1:], times[1:], times[:-1], strict=True))
-    assert used > 0.1 and sampled == pytest.approx(used, rel=0.25, abs=0.05), (sampled, used)
+    assert used >= 0.8 and sampled == pytest.approx(used, abs=0.02), (sampled, used)
     summary = sampler.summary()
     assert summary == summarize(rows)
     assert summary["cpu"]["memory_mib_peak"] >= summary["cpu"]["memory_mib_mean"] > 64

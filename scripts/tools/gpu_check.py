@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", default="core",
                         help="levers of step c: core, all, or names ("
                              + ", ".join(lv.name for lv in gpucheck.LEVERS) + ")")
-    parser.add_argument("--budget", type=int, help="seconds for the whole check; default 500 on a GPU, 900 dry")
+    parser.add_argument("--budget", type=int, help="seconds for the whole check; default 500 on a GPU, none dry (each step to its end)")
     parser.add_argument("--out", help="folder of the JSON figures; default $OUT, else results/gpu-check")
     parser.add_argument("--work", default=str(bundle.REPO / "results" / "gpu-check-work"),
                         help="models, runs and logs (the 8B model takes 16 GB)")

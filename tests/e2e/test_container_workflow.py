@@ -19,11 +19,8 @@ from hpc_finetune.workflow import container as workflow_container
 from hpc_finetune.workflow.config import ConfigError, resolve_config
 from support import container_standin
 from support.common import REPO
-from support.container import DEF, NEEDS_SIFTOOL, SECRET, git
+from support.container import DEF, SECRET, git
 from support.workflow import planned_jobs, run_workflow
-
-pytestmark = NEEDS_SIFTOOL
-
 
 
 def snakemake(workdir: Path, *args: str, path: str | None = None, check: bool = True,
@@ -81,7 +78,7 @@ IN_IMAGE_STAGES = {"build_demo_model", "prepare_data", "preflight", "train", "me
 
 
 @pytest.fixture(scope="module")
-def container_demo(tmp_path_factory):
+def container_demo(siftool, tmp_path_factory):
     """The demo with profiles/apptainer (container on), every stage that needs the stack run through the STAND-IN
     runtime (on the host)."""
     root = tmp_path_factory.mktemp("container-demo")

@@ -1,5 +1,5 @@
 """Control of a training run, for the train stage: which checkpoint to resume from (complete ones only; broken
-ones set aside), loading a finished run's adapter, one progress line per logging step, and the stop on SIGUSR1 or
+ones set aside), loading a finished run's adapter and resuming in the adapter's own dtype, one progress line per logging step, and the stop on SIGUSR1 or
 SIGTERM that Slurm sends before the time limit. No heavy imports at module level.
 """
 
@@ -88,10 +88,28 @@ def load_checkpoint(trainer, checkpoint: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     best = trainer.state.best_model_checkpoint
     source = Path(best) if trainer.args.load_best_model_at_end and best and Path(best).is_dir() else checkpoint
-    for param in trainer.model.parameters():  # fp32, as a resumed run trains: keep the saved values exact
-        if param.requires_grad:
-            param.data = param.data.float()
-    trainer.model.load_adapter(str(source), trainer.model.active_adapter, is_trainable=True)
+    with adapter_dtype_kept(trainer.model):
+        trainer.model.load_adapter(str(source), trainer.model.active_adapter, is_trainable=True)
+
+
+@contextlib.contextmanager
+def adapter_dtype_kept(model):
+    """While it lasts, loading an adapter into `model` keeps the adapter's dtype. The trainer resumes a PEFT model
+    (and loads its best checkpoint) with load_adapter, whose default autocast_adapter_dtype=True casts a bf16
+    adapter to float32: a resumed QLoRA run (TRL keeps its adapter in bf16) went on in float32, so it computed
+    other weights than the run it continues, and saved a float32 adapter. Checkpoints hold the adapter in the
+    dtype it trains in, so the load is exact."""
+    import functools
+
+    load = getattr(model, "load_adapter", None)
+    if load is None:
+        yield
+        return
+    model.load_adapter = functools.partial(load, autocast_adapter_dtype=False)
+    try:
+        yield
+    finally:
+        del model.load_adapter  # the class's method again
 
 
 def adapter_into_checkpoints():

@@ -1,11 +1,13 @@
 """Resource usage over time of the train job: a background thread of rank 0 samples, every few seconds, the memory,
-utilisation, power and temperature of each GPU the job sees (NVML, nvidia-ml-py) and the train process's RSS and
-CPU (psutil) into one CSV; the summary gives the peak and the mean of each column per device.
+utilisation, power and temperature of each GPU the job sees (NVML, nvidia-ml-py) and the train process's RSS
+(psutil) and CPU time into one CSV; the summary gives the peak and the mean of each column per device.
 
 CSV columns: elapsed_s, step, device (`cpu` for the process, `gpu<N>` for the GPU of NVML index N), memory_mib
 (RSS for cpu, device memory used for a GPU), utilization_pct (CPU percent of one core for cpu, so up to 100 x
-cores), power_w, temperature_c (GPU only; empty for cpu). The sampler never fails training: a device that stops
-answering is left out of the next rows.
+cores, over the time since the row before; the process's CPU time is read with the row's clock, so percent x
+interval adds up to the CPU time used however late the sampler thread runs on a busy machine), power_w,
+temperature_c (GPU only; empty for cpu). The sampler never fails training: a device that stops answering is left
+out of the next rows.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class ResourceSampler:
         self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS)
         self._writer.writeheader()
         self._start = time.monotonic()
-        self.process.cpu_percent()  # the first call only starts psutil's interval
+        self._last: tuple[float, float] | None = None  # (clock, CPU seconds) of the sample before
         self.sample()
         self._thread.start()
         return self
@@ -95,9 +97,10 @@ class ResourceSampler:
             self.sample()
 
     def sample(self) -> None:
-        base = {"elapsed_s": round(time.monotonic() - self._start, 2), "step": self._step()}
+        now, cpu = time.monotonic(), time.process_time()  # together: the row's time is its CPU reading's
+        base = {"elapsed_s": round(now - self._start, 3), "step": self._step()}
         rows = [{**base, "device": "cpu", "memory_mib": round(self.process.memory_info().rss / MIB, 1),
-                 "utilization_pct": self.process.cpu_percent()}]
+                 "utilization_pct": self._cpu_percent(now, cpu)}]
         for name, handle in list(self.gpus):
             try:
                 rows.append({**base, "device": name, **gpu_sample(handle)})
@@ -107,6 +110,13 @@ class ResourceSampler:
         self.rows += rows
         self._writer.writerows(rows)
         self._fh.flush()
+
+    def _cpu_percent(self, now: float, cpu: float) -> float:
+        """Percent of one core this process used since the sample before (0 for the first sample)."""
+        last, self._last = self._last, (now, cpu)
+        if last is None or now <= last[0]:
+            return 0.0
+        return round(100 * (cpu - last[1]) / (now - last[0]), 1)
 
     def _step(self) -> int:
         try:

@@ -20,7 +20,13 @@ from hpc_finetune.train import convergence
 from hpc_finetune.train import fingerprint as fingerprints
 from hpc_finetune.train import strategy as strategies
 from hpc_finetune.train.adapter import save_gathered_adapter
-from hpc_finetune.train.control import find_resume_checkpoint, first_last, load_checkpoint, run_finished
+from hpc_finetune.train.control import (
+    adapter_dtype_kept,
+    find_resume_checkpoint,
+    first_last,
+    load_checkpoint,
+    run_finished,
+)
 from hpc_finetune.train.data import loss_mode, read_data, to_dataset
 from hpc_finetune.train.observe import OBSERVE_FIELDS
 from hpc_finetune.train.resources import summary_rows as resource_rows
@@ -219,7 +225,8 @@ def run_training(trainer, resume: Path | None, progress) -> tuple[float, int]:
         load_checkpoint(trainer, resume)
         return 0.0, 0
     start = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with adapter_dtype_kept(trainer.model):  # a resumed run trains in the dtype the run began in
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return time.time() - start, trainer.state.num_input_tokens_seen - progress.tokens0
 
 

@@ -165,8 +165,9 @@ def step_c(opts: dict) -> None:
     extra = [a for lv in runnable for a in ("--variant", lv["variant"])]
     root = Path(opts["work"]) / "bench"
     cmd = [sys.executable, BENCH, "train", "--preset", opts["sizes"]["arch"], *bench_options(opts["sizes"]["c"]),
-           "--work", root, "--out", raw_path(opts, "c"), "--keep-going", "--child-timeout",
-           opts["sizes"]["child_timeout_s"], *extra]
+           "--work", root, "--out", raw_path(opts, "c"), "--keep-going", *extra]
+    if opts["sizes"]["child_timeout_s"] is not None:
+        cmd += ["--child-timeout", opts["sizes"]["child_timeout_s"]]
     write_json(raw_path(opts, "c", "-extra"), {
         "command": [str(c) for c in cmd], "levers": {lv["name"]: f"ours[{lv['variant']}]" for lv in runnable},
         "levers_skipped": skips})
