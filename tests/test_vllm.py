@@ -20,11 +20,15 @@ from support.vllm_runner import request, run_engine, vllm_server
 from test_portable import llama31_style  # noqa: F401  (the Llama-3.1-style base and merge, built once)
 
 
-def demo_answers(run_dir) -> tuple[list[str], list[str], int]:
-    """The held-out questions, the evaluate stage's fine-tuned answers and its max_new_tokens."""
+def demo_answers(run_dir) -> tuple[list[list[dict]], list[str], int]:
+    """The held-out prompts as chat messages (the scored rows of the data stage's split, without the answer), the
+    evaluate stage's fine-tuned answers to them and its max_new_tokens."""
     samples = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "data" / f"{samples[0]['split']}.jsonl").read_text().splitlines()]
+    messages = [[m for m in row["messages"] if m["role"] != "assistant"] for row in rows[: len(samples)]]
+    assert [m[-1]["content"] for m in messages] == [s["question"] for s in samples]
     metrics = json.loads((run_dir / "metrics" / "evaluate.json").read_text())
-    return [s["question"] for s in samples], [s["finetuned_answer"] for s in samples], metrics["max_new_tokens"]
+    return messages, [s["finetuned_answer"] for s in samples], metrics["max_new_tokens"]
 
 
 def chat(question: str) -> list[dict]:
@@ -48,14 +52,15 @@ def llama3_prompt(llama31_style) -> list[int]:  # noqa: F811
     tok = AutoTokenizer.from_pretrained(llama31_style["merged"])
     # a long prompt: positions far enough apart that theta 10,000 and 500,000 (and the llama3 scaling) differ
     text = " ".join(["What is hypertension and how is it treated in adults?"] * 12)
-    return list(tok.apply_chat_template(chat(text), add_generation_prompt=True, tokenize=True))
+    return list(tok.apply_chat_template(chat(text), add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"])
 
 
 @pytest.fixture(scope="module")
 def engine(run_dir, llama31_style, llama3_prompt, tmp_path_factory) -> dict:  # noqa: F811
     """One vLLM process for the offline checks: the merged model, the base with the adapter, the Llama-3.1-style
     merge, and vLLM's own verdict on adapters it refuses."""
-    questions, _, max_tokens = demo_answers(run_dir)
+    messages, _, max_tokens = demo_answers(run_dir)
     work = tmp_path_factory.mktemp("vllm-engine")
     base = json.loads((run_dir / "model" / "model.json").read_text())["path"]
     rank = json.loads((run_dir / "adapters" / "adapter_config.json").read_text())["r"]
@@ -64,7 +69,7 @@ def engine(run_dir, llama31_style, llama3_prompt, tmp_path_factory) -> dict:  # 
         json.loads((high / "adapter_config.json").read_text()) | {"r": 1024}))
     adapters = {"demo": run_dir / "adapters", "dora": make_adapter(base, work / "dora", use_dora=True),
                 "modules_to_save": make_adapter(base, work / "mts", modules_to_save=["lm_head"]), "rank": high}
-    spec = {"messages": [chat(q) for q in questions], "max_tokens": max_tokens,
+    spec = {"messages": messages, "max_tokens": max_tokens,
             "merged": str(run_dir / "merged"), "base": base, "adapter": str(run_dir / "adapters"),
             "max_lora_rank": vllm_max_lora_rank(rank), "verdicts": {k: str(v) for k, v in adapters.items()},
             "token_prompts": {"llama3": {"model": str(llama31_style["merged"]), "prompt_ids": llama3_prompt,
@@ -81,6 +86,8 @@ def test_vllm_answers_with_the_merged_model_as_evaluate_did(engine, run_dir):
 def test_vllm_answers_with_the_adapter_on_the_base_as_evaluate_did(engine, run_dir):
     _, expected, _ = demo_answers(run_dir)
     assert engine["lora"] == expected
+    base = [json.loads(line)["base_answer"] for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert sum(a != b for a, b in zip(base, expected, strict=True)) > len(expected) // 2  # the adapter is in effect
 
 
 def test_a_llama31_style_merge_generates_in_vllm_what_it_generates_in_transformers(
@@ -107,13 +114,13 @@ def test_vllm_refuses_the_adapters_our_check_refuses_and_serves_the_one_it_passe
 def test_the_openai_server_serves_the_merged_model_and_the_adapter(run_dir, tmp_path):
     """`vllm serve` as a user runs it: the merged model, then the base with --enable-lora; /v1/chat/completions at
     temperature 0 gives evaluate's answers and stops at the end of the turn; /v1/models lists the LoRA module."""
-    questions, expected, max_tokens = demo_answers(run_dir)
+    messages, expected, max_tokens = demo_answers(run_dir)
     base = json.loads((run_dir / "model" / "model.json").read_text())["path"]
 
     def answers(url: str, model: str) -> list[dict]:
-        return [request(f"{url}/v1/chat/completions", {"model": model, "messages": chat(q), "temperature": 0,
+        return [request(f"{url}/v1/chat/completions", {"model": model, "messages": m, "temperature": 0,
                                                        "max_tokens": max_tokens})["choices"][0]
-                for q in questions]
+                for m in messages]
 
     merged = str(run_dir / "merged")
     with vllm_server([merged], tmp_path / "merged.log") as url:
