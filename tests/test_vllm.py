@@ -16,7 +16,7 @@ from hpc_finetune.io.cli import StageError
 from hpc_finetune.merge.adapter import check_servable_adapter, vllm_max_lora_rank, vllm_refusals
 from hpc_finetune.workflow.config import ConfigError, resolve_config
 from support.common import REPO, make_adapter
-from support.vllm_runner import request, run_engine, vllm_server
+from support.vllm_runner import request, run_engine, vllm_python, vllm_server
 from test_portable import llama31_style  # noqa: F401  (the Llama-3.1-style base and merge, built once)
 
 
@@ -45,6 +45,12 @@ def transformers_greedy(model_dir, prompt_ids: list[int], count: int) -> list[in
     return out[0, len(prompt_ids):].tolist()
 
 
+@pytest.fixture(scope="session")
+def vllm():
+    """vLLM's interpreter, asked for before the demo run is: without vLLM nothing is built only to skip."""
+    return vllm_python()
+
+
 @pytest.fixture(scope="module")
 def llama3_prompt(llama31_style) -> list[int]:  # noqa: F811
     from transformers import AutoTokenizer
@@ -57,7 +63,7 @@ def llama3_prompt(llama31_style) -> list[int]:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def engine(run_dir, llama31_style, llama3_prompt, tmp_path_factory) -> dict:  # noqa: F811
+def engine(vllm, run_dir, llama31_style, llama3_prompt, tmp_path_factory) -> dict:  # noqa: F811
     """One vLLM process for the offline checks: the merged model, the base with the adapter, the Llama-3.1-style
     merge, and vLLM's own verdict on adapters it refuses."""
     messages, _, max_tokens = demo_answers(run_dir)
@@ -111,7 +117,7 @@ def test_vllm_refuses_the_adapters_our_check_refuses_and_serves_the_one_it_passe
             check_servable_adapter(engine["adapters"][name])
 
 
-def test_the_openai_server_serves_the_merged_model_and_the_adapter(run_dir, tmp_path):
+def test_the_openai_server_serves_the_merged_model_and_the_adapter(vllm, run_dir, tmp_path):
     """`vllm serve` as a user runs it: the merged model, then the base with --enable-lora; /v1/chat/completions at
     temperature 0 gives evaluate's answers and stops at the end of the turn; /v1/models lists the LoRA module."""
     messages, expected, max_tokens = demo_answers(run_dir)
