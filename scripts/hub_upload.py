@@ -49,6 +49,7 @@ class Config:
 
 def targets(cfg: Config, cards) -> list:
     from hpc_finetune.hub.publish import Target
+    from hpc_finetune.merge.adapter import check_servable_adapter
 
     chosen = [(kind, repo, directory) for kind, repo, directory in (
         ("adapter", cfg.repo_id, cfg.adapters), ("merged", f"{cfg.repo_id}-merged", cfg.merged)) if directory]
@@ -61,6 +62,8 @@ def targets(cfg: Config, cards) -> list:
             raise StageError(f"{root}: no such directory to publish (run the stage that makes it first)")
         files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
                  if p.is_file() and not p.name.startswith(".") and p.relative_to(root).as_posix() not in NOT_PUBLISHED}
+        if kind == "adapter":
+            check_servable_adapter(root)
         pair = next((r for k, r, _ in chosen if k != kind), None)
         found.append(Target(kind, repo, files, {"README.md": cards(kind, repo, pair).encode()}))
     return found

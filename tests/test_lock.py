@@ -5,16 +5,22 @@ and hashes; what is installed equals it, what the code imports is declared, and 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
 import sys
 import tomllib
 from importlib import metadata
 
+import pytest
 import yaml
 from support.common import REPO
 from tools import lock
 
 # Distributions installed that are not the lock's business: this project, installed editable by make.
 OWN = {"hpc-finetune"}
+# Programs the tests run in vLLM's environment (requirements-vllm.lock), not ours.
+OTHER_ENVIRONMENT = {REPO / "tests" / "support" / "vllm_engine.py"}
+VLLM_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
 def installed() -> dict[str, str]:
@@ -66,7 +72,7 @@ def imported_top_level_modules() -> dict[str, str]:
     scripts = REPO / "scripts"
     own = {"hpc_finetune", "support", "tools", *(p.stem for p in scripts.glob("*.py")),
            *(p.stem for p in (scripts / "tools").rglob("*.py")), *(p.stem for p in (REPO / "tests").rglob("*.py"))}
-    sources = [*scripts.rglob("*.py"), *(REPO / "tests").rglob("*.py")]
+    sources = [p for p in (*scripts.rglob("*.py"), *(REPO / "tests").rglob("*.py")) if p not in OTHER_ENVIRONMENT]
     found = {}
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -99,6 +105,32 @@ def test_everything_the_code_imports_is_a_declared_dependency():
         f"imported but not declared in singularity/requirements.in or requirements-dev.in: {undeclared}")
 
 
+def test_the_vllm_lock_is_resolved_from_its_pins_without_the_packages_that_break_vllm():
+    locked, entries = lock.locked(lock.VLLM_LOCK), lock.hashes(lock.VLLM_LOCK)
+    for name, version in lock.pins(lock.VLLM_DIRECT).items():
+        assert locked.get(name) == version, f"{name}: requirements-vllm.in pins {version}, the lock has " \
+            f"{locked.get(name)}: run make lock"
+    assert entries.keys() == locked.keys() and all(entries.values()), "a vLLM lock entry without a hash"
+    assert not {"torchvision", "torchaudio", "torchcodec"} & locked.keys()  # PyPI's builds break `import vllm`
+
+
+def test_the_vllm_environment_equals_its_lock():
+    """Only where `make vllm-env` made it: exactly requirements-vllm.lock, and the venv's own pip."""
+    if not VLLM_VENV_PYTHON.is_file():
+        pytest.skip("no vLLM environment here (.venv-vllm): `make vllm-env` makes it")
+    script = ("import importlib.metadata as m, json; "
+              "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    found = json.loads(subprocess.run([str(VLLM_VENV_PYTHON), "-c", script], capture_output=True, text=True,
+                                      check=True).stdout)
+    have = {lock.canonical(name): version for name, version in found.items() if lock.canonical(name) != "pip"}
+    want = lock.locked(lock.VLLM_LOCK)
+    assert have == want, (
+        f"the vLLM environment differs from requirements-vllm.lock: missing {want.keys() - have.keys()}, not in "
+        f"the lock {have.keys() - want.keys()}, other versions "
+        f"{ {n: (have[n], v) for n, v in want.items() if n in have and have[n] != v} }. Recreate it: "
+        "rm -rf .venv-vllm && make vllm-env")
+
+
 def test_conda_env_pins_equal_the_direct_runtime_pins():
     env = yaml.safe_load((REPO / "workflow" / "envs" / "finetune.yaml").read_text())
     pip = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
@@ -117,3 +149,5 @@ def test_make_installs_the_lock_hash_checked_and_nothing_more():
     assert "--require-hashes --no-deps -r requirements.lock" in makefile
     assert "$(STAMP): requirements.lock" in makefile
     assert "pip-compile" in makefile and "--generate-hashes" in makefile
+    assert "--require-hashes --no-deps \\\n\t\t-r requirements-vllm.lock" in makefile
+    assert "$(VLLM_STAMP): requirements-vllm.lock" in makefile

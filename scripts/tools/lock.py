@@ -1,5 +1,6 @@
 """The environment's lock (requirements.lock, written by pip-compile: `make lock`) and the direct pins it is
-resolved from (singularity/requirements.in, requirements-dev.in), read for the tests and the GPU bundle."""
+resolved from (singularity/requirements.in, requirements-dev.in), read for the tests and the GPU bundle; the vLLM
+environment's lock (requirements-vllm.lock from requirements-vllm.in) likewise."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LOCK = REPO / "requirements.lock"
 DIRECT = (REPO / "singularity" / "requirements.in", REPO / "requirements-dev.in")
+# vLLM's environment apart (`make vllm-env`, .venv-vllm): its own pins and lock, for the vLLM tests only.
+VLLM_LOCK = REPO / "requirements-vllm.lock"
+VLLM_DIRECT = REPO / "requirements-vllm.in"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^]]*\])?==([^\s;\\#]+)")
 
 

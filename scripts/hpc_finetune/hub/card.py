@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpc_finetune.io.cli import plural
-
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+from hpc_finetune.merge.adapter import VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
 
 def base_license(model_dir: Path) -> str | None:
@@ -92,8 +91,10 @@ def serving(kind: str, repo_id: str, base: str | None, rank) -> str:
         return (f"```bash\nvllm serve {repo_id}\n```\n\nor with transformers: "
                 f"`AutoModelForCausalLM.from_pretrained(\"{repo_id}\")`.")
     base_ref = base or "<the base model>"
-    flag = f" --max-lora-rank {rank}" if isinstance(rank, int) and rank > 16 else ""
-    note = "" if rank in VLLM_LORA_RANKS else f"\n\nvLLM serves LoRA ranks {VLLM_LORA_RANKS} only; this one is {rank}."
+    needed = vllm_max_lora_rank(rank) if isinstance(rank, int) else None
+    flag = f" --max-lora-rank {needed}" if needed and needed > VLLM_DEFAULT_MAX_LORA_RANK else ""
+    note = "" if needed or not isinstance(rank, int) else \
+        f"\n\nvLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANKS[-1]}; this one is {rank}."
     name = repo_id.split("/")[-1]
     return (f"```bash\nvllm serve {base_ref} --enable-lora --lora-modules {name}={repo_id}{flag}\n```\n\n"
             f"then ask for `\"model\": \"{name}\"`; or with PEFT: "

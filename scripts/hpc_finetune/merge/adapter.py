@@ -10,6 +10,45 @@ from pathlib import Path
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import read_json
 
+# vLLM's --max-lora-rank takes these values only (vllm/config/lora.py, 0.32); an adapter of rank r is served with
+# the smallest of them >= r (its weights are padded), so a rank above the last is refused.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The --max-lora-rank vLLM needs for an adapter of this rank; None when vLLM cannot serve it."""
+    return next((allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank), None)
+
+
+def vllm_refusals(config: dict) -> list[str]:
+    """What vLLM (0.32, vllm/lora/peft_helper.py) refuses in an adapter_config.json, each with the fix; empty when
+    it serves the adapter."""
+    found = []
+    ranks = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
+    if vllm_max_lora_rank(max(ranks)) is None:
+        found.append(f"LoRA rank {max(ranks)} is above the largest vLLM serves ({VLLM_MAX_LORA_RANKS[-1]}): train"
+                     f" with training.lora_r <= {VLLM_MAX_LORA_RANKS[-1]}")
+    if config.get("modules_to_save"):
+        found.append(f"modules_to_save={config['modules_to_save']} (full copies of modules): vLLM refuses such"
+                     " adapters; train without modules_to_save (LoRA only)")
+    if config.get("use_dora"):
+        found.append("DoRA (use_dora: true): vLLM does not serve DoRA adapters; train a plain LoRA adapter, or"
+                     " publish the merged model only")
+    if config.get("lora_bias") or config.get("bias", "none") != "none":
+        found.append("LoRA biases (lora_bias/bias): vLLM does not serve them; train with bias 'none'")
+    return found
+
+
+def check_servable_adapter(adapter_dir: str | os.PathLike) -> None:
+    """Refuse, before it is published, an adapter that vLLM would refuse to load (the merged model of a DoRA or
+    high-rank adapter is still servable: only the adapter itself is refused)."""
+    config = read_json(Path(adapter_dir) / "adapter_config.json", "adapter config")
+    refused = vllm_refusals(config)
+    if refused:
+        raise StageError(f"adapter {adapter_dir} would be published but vLLM cannot serve it: {'; '.join(refused)}."
+                         " Or publish the merged model only (hub_upload.publish: [merged])")
+
 
 def check_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> dict:
     """The adapter's config, after refusing what cannot be merged into weights that vLLM serves consistently:

@@ -16,6 +16,7 @@ import yaml
 
 from hpc_finetune.hub.request import MODEL_ID
 from hpc_finetune.io.schema import SCHEMA_PATH, schema
+from hpc_finetune.merge.adapter import VLLM_MAX_LORA_RANKS
 
 PRESETS_DIR = SCHEMA_PATH.parent.parent / "presets"
 
@@ -194,6 +195,12 @@ def check_consistency(cfg: dict) -> None:
     train = cfg["training"]
     if train["lora_alpha"] <= 0 or train["lora_r"] <= 0:
         raise ConfigError("config keys training.lora_r and training.lora_alpha must be positive")
+    hub, top = cfg["hub_upload"], VLLM_MAX_LORA_RANKS[-1]
+    if hub["repo_id"] and "adapter" in hub["publish"] and train["lora_r"] > top:
+        raise ConfigError(
+            f"config key training.lora_r: {train['lora_r']} is above the largest LoRA rank vLLM serves ({top}), and"
+            f" hub_upload.publish includes the adapter: lower training.lora_r, or publish [merged] only"
+        )
     if cfg["dataset"]["eval_fraction"] == 0 and train["early_stopping_patience"]:
         raise ConfigError(
             "config key training.early_stopping_patience needs held-out data: set dataset.eval_fraction above 0"
