@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
+from support.common import REPO
 from support.data import write_jsonl
+from support.workflow import run_workflow
 
 N = 100_000
 LONG = " ".join(["word"] * 300)  # far over max_seq_length=64 with the demo tokenizer
@@ -47,3 +50,14 @@ def test_counts_and_splits_of_100k_rows_match_a_reference(run, tmp_path):
     assert report["test_rows"] == 1000 and sorted(run.test, key=json.dumps) == sorted(fresh, key=json.dumps)
     assert report["test_source"]["dropped"] == {"empty": 0, "duplicate": 100, "too_long": 0, "in_train": 300}
     assert report["tokens"]["max"] <= 64
+
+
+def test_the_data_stage_asks_for_memory_that_follows_the_dataset(tmp_path):
+    """The memory request of prepare_data is resources.cpu_mem_mb (2000 in the demo) plus 2 MB per MB of data: a
+    (sparse) 1500 MB dataset plans a 5000 MB job."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    with open(tmp_path / "big.jsonl", "wb") as fh:
+        fh.truncate(1500 << 20)
+    plan = run_workflow(tmp_path, "-n", "results/demo/data/report.json", "--config", "dataset__path=big.jsonl")
+    job = (plan.stdout + plan.stderr).split("rule prepare_data:", 1)[1].split("Shell command", 1)[0]
+    assert re.search(r"\bmem_mb=(\d+)", job).group(1) == str(2000 + 2 * 1500)

@@ -53,7 +53,7 @@ from hpc_finetune.workflow.paths import (
     summary_inputs,
     upload_dirs,
 )
-from hpc_finetune.workflow.slurm import scaled, train_placement
+from hpc_finetune.workflow.slurm import follows_data, scaled, train_placement
 from hpc_finetune.tracking.mlflow_run import tracking_environment
 
 try:
