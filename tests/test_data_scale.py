@@ -8,7 +8,7 @@ import json
 import random
 import re
 
-from support.common import REPO
+from support.common import REPO, write_input
 from support.data import write_jsonl
 from support.workflow import run_workflow
 
@@ -50,6 +50,19 @@ def test_counts_and_splits_of_100k_rows_match_a_reference(run, tmp_path):
     assert report["test_rows"] == 1000 and sorted(run.test, key=json.dumps) == sorted(fresh, key=json.dumps)
     assert report["test_source"]["dropped"] == {"empty": 0, "duplicate": 100, "too_long": 0, "in_train": 300}
     assert report["tokens"]["max"] <= 64
+
+
+def test_csv_parquet_and_a_saved_dataset_give_what_json_lines_gives(run, tmp_path):
+    """The same 10k rows as JSON Lines, CSV, Parquet and a save_to_disk dataset (both read in batches): every reader
+    streams them, and the outputs and reports are the same."""
+    rows = [generated(i) for i in range(10_000)]
+    results = {}
+    for kind in ("jsonl", "csv", "parquet", "dataset"):
+        (tmp_path / kind).mkdir()
+        report = run(write_input(kind, tmp_path / kind, rows), max_seq_length=64, max_samples=7_500, seed=3)
+        results[kind] = ({k: v for k, v in report.items() if k != "source"}, run.train, run.eval)
+    assert results["jsonl"][0]["kept"] == 10_000 - 200 - 10 - 40
+    assert results["csv"] == results["parquet"] == results["dataset"] == results["jsonl"]
 
 
 def test_the_data_stage_asks_for_memory_that_follows_the_dataset(tmp_path):
