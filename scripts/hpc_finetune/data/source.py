@@ -12,6 +12,7 @@ change. No heavy imports at module level.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,12 @@ class Rows:
 
     def __bool__(self) -> bool:
         return self._count > 0 if self._count is not None else next(iter(self), None) is not None
+
+    def __getitem__(self, index: slice) -> list[dict]:
+        """The rows of a slice with bounds from the start (rows[:1]), read up to its end."""
+        if not isinstance(index, slice) or min(index.start or 0, index.stop or 0) < 0 or index.step not in (None, 1):
+            raise TypeError("Rows take slices with non-negative bounds only, e.g. rows[:1]")
+        return list(itertools.islice(self, index.start, index.stop))
 
     def __len__(self) -> int:
         if self._count is None:
