@@ -23,7 +23,8 @@ each one's peak RSS (their own, from wait4) and time, and the largest shard.
 
 workflow: on a completed run, the wall time of a dry-run (`snakemake -n`) and of a no-op re-run.
 
-data: the data stage on generated demo-shaped chat rows of each size, in a child process each: rows/s and peak RSS.
+data: the data stage on generated demo-shaped chat rows of each size, in a child process each: rows/s and peak RSS;
+then the train stage's loading of what it wrote (time, peak RSS).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the tools' package and the library
 
 from hpc_finetune.io.cli import setup_logging  # noqa: E402
-from tools.benchmarks.data import bench_data, data_child  # noqa: E402
+from tools.benchmarks.data import bench_data, data_child, train_data_child  # noqa: E402
 from tools.benchmarks.merge import bench_merge, merge_child  # noqa: E402
 from tools.benchmarks.models import ARCHS  # noqa: E402
 from tools.benchmarks.train import bench_train, child  # noqa: E402
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> Any:
         return merge_child(*argv[1:6])
     if argv[:1] == ["_data_child"]:
         return data_child(*argv[1:4])
+    if argv[:1] == ["_train_data_child"]:
+        return train_data_child(*argv[1:3])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="our train stage vs a plain TRL+PEFT baseline")

@@ -1,5 +1,7 @@
 """`bench.py data`: the data stage (scripts/prepare_data.py) on generated demo-shaped chat rows of several sizes,
 each in a child process of its own; rows/s (input rows over the stage's own wall time) and the child's peak RSS.
+Then, in another child, the train stage's data loading of what the stage wrote (hpc_finetune.train.data: the rows
+checked, read memory-mapped and put in the form the loss needs, as before the first step): time and peak RSS.
 
 The rows are the demo's conversations (system, user, assistant) with a numbered case in the question and the
 answer, so every row is distinct and about as long as a demo row; 1 % repeat an earlier row and 0.1 % have an
@@ -51,6 +53,21 @@ def data_child(data: str, model_json: str, out: str) -> None:
                                                     "peak_rss_mb": peak_rss_mb(), "kept": report["kept"]}))
 
 
+def train_data_child(out: str, model_json: str) -> None:
+    """The train stage's data loading of {out}/train.jsonl and eval.jsonl in this process; its own time and peak
+    RSS go to {out}/bench-train.json."""
+    from hpc_finetune.train.data import loss_mode, read_data, to_dataset
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(json.loads(Path(model_json).read_text())["path"])
+    rows, eval_rows, fmt = read_data(f"{out}/train.jsonl", f"{out}/eval.jsonl")
+    mode = loss_mode(fmt, tokenizer, True)
+    train, _ = to_dataset(rows, fmt, mode), to_dataset(eval_rows, fmt, mode)
+    Path(out, "bench-train.json").write_text(json.dumps({"inner_s": time.perf_counter() - start, "rows": len(train),
+                                                          "peak_rss_mb": peak_rss_mb()}))
+
+
 def demo_model(work: Path) -> Path:
     """The demo's tiny model (its tokenizer measures the rows) and its record."""
     import build_demo_model
@@ -83,8 +100,14 @@ def bench_data(args) -> dict:
         report["sizes"].append({"rows": rows, "wall_s": round(wall, 1), "stage_s": round(child["inner_s"], 1),
                                 "rows_per_s": round(rows / child["inner_s"]), "peak_rss_mb": round(child["peak_rss_mb"]),
                                 "kept": child["kept"]})
+        status, _ = run_child([str(BENCH), "_train_data_child", str(out), str(model_json)], timeout=args.child_timeout)
+        if status == 0:
+            loading = json.loads((out / "bench-train.json").read_text())
+            report["sizes"][-1] |= {"train_load_s": round(loading["inner_s"], 1),
+                                    "train_load_peak_rss_mb": round(loading["peak_rss_mb"])}
         write_json(args.out, report)
     write_json(args.out, report)
     print(table([(f"{s['rows']} rows", s.get("failed") or f"{s['rows_per_s']} rows/s, peak RSS {s['peak_rss_mb']} MB, "
-                  f"{s['stage_s']} s") for s in report["sizes"]], "data stage (bench.py data)"))
+                  f"{s['stage_s']} s; train loading {s.get('train_load_s')} s, peak RSS "
+                  f"{s.get('train_load_peak_rss_mb')} MB") for s in report["sizes"]], "data stage (bench.py data)"))
     return report
