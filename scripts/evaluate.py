@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from hpc_finetune.evaluate.metrics import (
 from hpc_finetune.evaluate.report import report_text, summary_rows, write_samples_csv
 from hpc_finetune.evaluate.scoring import answer_loss, generate
 from hpc_finetune.io.cli import StageError, cli, log, plural, table
-from hpc_finetune.io.files import model_dir, read_jsonl, write_json, write_jsonl, write_text
+from hpc_finetune.io.files import iter_jsonl, model_dir, write_json, write_jsonl, write_text
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.io.schema import option
 from hpc_finetune.model.load import dtype_name, free, load_adapter, load_model, load_tokenizer, resolve_dtype
@@ -77,12 +78,19 @@ class Config:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), ..."})
 
 
-def read_rows(path: str | None) -> list[dict]:
+def read_rows(path: str | None, limit: int | None = None) -> list[dict]:
+    """The rows of a data file (the first `limit` of them)."""
     if path is None:
         return []
     if not Path(path).is_file():
         raise StageError(f"data file {path} is missing; run the data stage first")
-    return read_jsonl(path)
+    return list(islice(iter_jsonl(path), limit))
+
+
+def file_format(path: str | None, rows: list[dict], complete: bool = True) -> str | None:
+    """The format of a data file's rows: of `rows`, or when they are not the whole file (`complete` false), of
+    every row read one at a time (the training file can hold millions)."""
+    return detect_format(rows if complete or path is None else iter_jsonl(path), path)
 
 
 def check_finetuned(path: str, merged: bool) -> None:
@@ -170,9 +178,13 @@ def main(cfg: Config) -> dict:
     check_options(cfg)
     base_dir = model_dir(cfg.model_json)
     check_finetuned(cfg.finetuned, cfg.merged)
-    train_rows, eval_rows, test_rows = read_rows(cfg.train_data), read_rows(cfg.eval_data), read_rows(cfg.test_data)
-    formats = {path: detect_format(rows, path) for path, rows in
-               ((cfg.train_data, train_rows), (cfg.eval_data, eval_rows), (cfg.test_data, test_rows)) if rows}
+    # of the training rows only the first max_train_rows are scored: only they are held in memory
+    train_rows = read_rows(cfg.train_data, cfg.max_train_rows)
+    eval_rows, test_rows = read_rows(cfg.eval_data), read_rows(cfg.test_data)
+    formats = {path: found for path, found in (
+        (cfg.train_data, file_format(cfg.train_data, train_rows, complete=False)),
+        (cfg.eval_data, file_format(cfg.eval_data, eval_rows)), (cfg.test_data, file_format(cfg.test_data, test_rows)),
+    ) if found}
     if len(set(formats.values())) > 1:
         raise StageError("the data files hold rows of different formats: "
                          + ", ".join(f"{path} {fmt}" for path, fmt in formats.items()))
@@ -192,7 +204,7 @@ def main(cfg: Config) -> dict:
     rendered = [render(r, tokenizer, fmt) for r in rows]
     encoded = [encode(tokenizer, r, fmt, cfg.max_length) for r in rendered]
     train_encoded = [encode(tokenizer, render(r, tokenizer, fmt), fmt, cfg.max_length)
-                     for r in train_rows[: cfg.max_train_rows]]
+                     for r in train_rows]
     skipped = ("text rows have no separate answer to compare a generation with" if fmt == "text"
                else "no rows to answer" if not rows else None)
     prompts = [prompt_ids(tokenizer, r, fmt) for r in rendered] if not skipped else []

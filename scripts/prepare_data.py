@@ -18,13 +18,21 @@ rows that repeat a training row are dropped. The test set (dataset.test_path, el
 dataset.test_split) is read, checked row by row against the training format and cleaned the same way, without
 rows that repeat a training or held-out row; only the evaluate stage scores it (an empty test.jsonl: none). Outputs are written only after validation passes: a failure keeps
 the old ones.
+
+The rows stream (hpc_finetune.data.clean): the stage keeps per row a digest, an offset into a scratch file beside
+the outputs and a token length, so its memory does not grow with the rows they hold; the shuffle and the splits
+work on row numbers, with the same random generator calls as on the rows themselves.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
+import shutil
+import tempfile
+from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hpc_finetune.data.clean import (
     DROP_REASONS,
@@ -38,7 +46,7 @@ from hpc_finetune.data.clean import (
 from hpc_finetune.data.source import FORMATS, columns, read_source, resolve_format
 from hpc_finetune.data.testset import read_test_path, require_fields
 from hpc_finetune.io.cli import StageError, cli, log, plural, table
-from hpc_finetune.io.files import model_dir, read_json, write_json, write_jsonl
+from hpc_finetune.io.files import model_dir, read_json, write_json, writing
 from hpc_finetune.io.schema import option
 
 
@@ -83,8 +91,8 @@ def check_options(cfg: Config) -> None:
         raise StageError("dataset settings: " + "; ".join(p for p in problems if p))
 
 
-def carve(pairs: list, cfg: Config) -> tuple[list, list]:
-    """(train, eval) pairs when the dataset has no held-out split: dataset.eval_fraction of the rows, at least
+def carve(pairs, cfg: Config) -> tuple:
+    """(train, eval) rows when the dataset has no held-out split: dataset.eval_fraction of the rows, at least
     one when there are two or more, capped by max_eval_samples."""
     n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if cfg.eval_fraction > 0 and len(pairs) >= 2 else 0
     n_eval = min(n_eval, len(pairs) - 1, cfg.max_eval_samples or len(pairs))
@@ -106,25 +114,26 @@ def test_part(cfg: Config, source, fmt: str, text_field: str, clean_rows) -> tup
         return None, {"kind": "none"}
     require_fields(rows, fmt, text_field, where)
     part = clean_rows(rows, where)
-    return part, kind | {"input_rows": part.input_rows, "kept": len(part.pairs),
+    return part, kind | {"input_rows": part.input_rows, "kept": len(part.kept),
                          "dropped": {reason: part.counts[reason] for reason in (*DROP_REASONS, "in_train")}}
 
 
 def make_report(cfg: Config, source, fmt: str, text_field: str, found: list[str], train: Part, held: Part | None,
-                train_pairs: list, eval_pairs: list) -> dict:
+                train_pairs, eval_pairs) -> dict:
+    lengths = [train.kept.lengths[i] for i in train_pairs] + [(held or train).kept.lengths[i] for i in eval_pairs]
     return {
         "source": cfg.path, "split": source.split, "splits": source.splits, "format": fmt,
-        "text_field": text_field if fmt == "text" else None, "columns": found, "input_rows": len(source.rows),
-        "kept": len(train.pairs), "dropped": {reason: train.counts[reason] for reason in DROP_REASONS},
+        "text_field": text_field if fmt == "text" else None, "columns": found, "input_rows": train.input_rows,
+        "kept": len(train.kept), "dropped": {reason: train.counts[reason] for reason in DROP_REASONS},
         "truncated": train.long if cfg.long_rows == "truncate" else 0, "bos_stripped": train.counts["bos_stripped"],
         "train_rows": len(train_pairs), "eval_rows": len(eval_pairs),
         "eval_source": (
-            {"kind": "split", "split": source.eval_split, "input_rows": held.input_rows, "kept": len(held.pairs),
+            {"kind": "split", "split": source.eval_split, "input_rows": held.input_rows, "kept": len(held.kept),
              "dropped": {reason: held.counts[reason] for reason in (*DROP_REASONS, "in_train")}}
             if held else {"kind": "fraction", "eval_fraction": cfg.eval_fraction}
         ),
-        "tokens": length_stats([n for _, n in train_pairs + eval_pairs]),
-        "token_histogram": length_histogram([n for _, n in train_pairs + eval_pairs]),
+        "tokens": length_stats(lengths),
+        "token_histogram": length_histogram(lengths),
         "max_seq_length": cfg.max_seq_length,
         "long_rows": cfg.long_rows, "max_samples": cfg.max_samples, "max_eval_samples": cfg.max_eval_samples,
         "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "origin": origin(cfg.origin),
@@ -172,33 +181,57 @@ def main(cfg: Config) -> dict:
     model = model_dir(cfg.model_json)
     tokenizer = AutoTokenizer.from_pretrained(model)
     limits = Limits(cfg.max_seq_length, cfg.long_rows, cfg.max_dropped_fraction)
-    train = clean(source.rows, where, fmt, text_field, tokenizer, model, limits)
+    Path(cfg.train_out).parent.mkdir(parents=True, exist_ok=True)
+    spill = tempfile.mkdtemp(dir=Path(cfg.train_out).parent, prefix=".prepare_data.")
+    parts: list[Part] = []
+
+    def clean_part(rows, where: str, exclude: set = frozenset()) -> Part:
+        parts.append(clean(rows, where, fmt, text_field, tokenizer, model, limits, spill, exclude))
+        return parts[-1]
+
+    try:
+        return split_and_write(cfg, source, where, fmt, text_field, found, clean_part)
+    finally:
+        for part in parts:
+            part.kept.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def shuffled(rng: random.Random, n: int) -> array:
+    """Row numbers 0..n-1 in the order rng.shuffle gives a list of n rows (it draws from the length alone)."""
+    order = array("q", range(n))
+    rng.shuffle(order)
+    return order
+
+
+def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, found: list[str], clean_part) -> dict:
+    train = clean_part(source.rows, where)
     rng = random.Random(cfg.seed)
-    rng.shuffle(train.pairs)
-    pairs, held = train.pairs[: cfg.max_samples], None
+    order = shuffled(rng, len(train.kept))
+    pairs, held = order[: cfg.max_samples], None
     if source.eval_rows is not None:
         held_where = f"dataset {cfg.path} split {source.eval_split}"
         if source.eval_rows and set(columns(source.eval_rows)) != set(found):
             log.warning("%s has the columns %s, the training split %s", held_where, columns(source.eval_rows), found)
-        keys = {json.dumps(row, sort_keys=True) for row, _ in train.pairs}
-        held = clean(source.eval_rows, held_where, fmt, text_field, tokenizer, model, limits, exclude=keys)
-        rng.shuffle(held.pairs)
-        train_pairs, eval_pairs = pairs, held.pairs[: cfg.max_eval_samples]
+        held = clean_part(source.eval_rows, held_where, exclude=train.keys)
+        train_pairs, eval_pairs = pairs, shuffled(rng, len(held.kept))[: cfg.max_eval_samples]
         log.info("held-out rows: split %s of the dataset (%s); dataset.eval_fraction does not apply",
                  source.eval_split, plural(len(eval_pairs), "row"))
     else:
         train_pairs, eval_pairs = carve(pairs, cfg)
-    seen = {json.dumps(row, sort_keys=True) for row, _ in train.pairs + eval_pairs}
-    test, test_source = test_part(cfg, source, fmt, text_field, lambda rows, where: clean(
-        rows, where, fmt, text_field, tokenizer, model, limits, exclude=seen))
-    if test:
-        rng.shuffle(test.pairs)
+    seen = train.keys  # the training rows' digests, and now the held-out rows' too
+    if held:
+        seen.update(held.kept.digests[i] for i in eval_pairs)
+    test, test_source = test_part(cfg, source, fmt, text_field, lambda rows, where: clean_part(rows, where, seen))
+    test_order = shuffled(rng, len(test.kept)) if test else []
     report = make_report(cfg, source, fmt, text_field, found, train, held, train_pairs, eval_pairs)
-    report |= {"test_rows": len(test.pairs) if test else 0, "test_source": test_source}
-    write_jsonl(cfg.train_out, [row for row, _ in train_pairs])
-    write_jsonl(cfg.eval_out, [row for row, _ in eval_pairs])
-    if cfg.test_out:
-        write_jsonl(cfg.test_out, [row for row, _ in test.pairs] if test else [])
+    report |= {"test_rows": len(test.kept) if test else 0, "test_source": test_source}
+    outputs = [(cfg.train_out, train, train_pairs), (cfg.eval_out, held or train, eval_pairs)]
+    with contextlib.ExitStack() as files:  # each output replaces the old one only when all are written
+        for path, part, order in outputs + [(cfg.test_out, test, test_order)] * bool(cfg.test_out):
+            fh = files.enter_context(writing(path))
+            for i in order:
+                fh.write(part.kept.row(i))
     write_json(cfg.report_out, report)
     log.info("%s", table(summary_rows(report), f"data: {cfg.path}"))
     return report

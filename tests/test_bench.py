@@ -1,5 +1,5 @@
-"""Performance: `make bench` (scripts/tools/bench.py train) runs on the CPU and writes its table; every speed lever of the
-train stage reaches SFTConfig or the model loading; padding-free batches keep rows apart."""
+"""Performance: `make bench` (scripts/tools/bench.py train) runs on the CPU and writes its table, and so does
+`bench.py data`; every speed lever of the train stage reaches SFTConfig or the model loading; padding-free batches keep rows apart."""
 
 from __future__ import annotations
 
@@ -49,6 +49,22 @@ def test_bench_train_runs_ours_and_the_baseline_and_writes_json(tmp_path, tiny_m
     assert report["speedup_tokens_per_s"] == pytest.approx(
         report["results"]["ours"]["tokens_per_s"] / report["results"]["baseline"]["tokens_per_s"])
     assert report["ours_levers"]["padding_free"] == "auto"
+
+
+def test_bench_data_measures_the_data_stage_and_the_train_loading(tmp_path, tiny_model):
+    """bench.py data on 600 generated rows: the stage keeps what the generator made (6 repeats, 1 empty answer),
+    and the JSON has rows/s and the peak RSS of the stage and of the train stage's data loading."""
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "data" / "model")  # what bench.py would build first
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "tools" / "bench.py"), "data", "--rows", "600", "--work",
+                           str(tmp_path), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "600 rows" in proc.stdout and "rows/s" in proc.stdout
+    (size,) = json.loads(out.read_text())["sizes"]
+    assert size["rows"] == 600 and size["kept"] == 600 - 6 - 1 and size["rows_per_s"] > 0
+    assert size["peak_rss_mb"] > 100 and size["train_load_peak_rss_mb"] > 100 and size["train_load_s"] > 0
 
 
 def test_default_levers_reach_sft_config(tmp_path):

@@ -361,6 +361,17 @@ def test_bad_data_is_a_clear_error(tmp_path, tiny_model, chats):
         train_data.read_data(cfg.train_data, cfg.eval_data)
 
 
+def test_the_rows_are_read_memory_mapped(tmp_path, tiny_model, chats):
+    """The train stage reads the prepared rows as Arrow from datasets' cache (memory-mapped), not as a list."""
+    cfg = make_config(tiny_model, tmp_path, chats * 50, [])
+    rows, eval_rows, fmt = train_data.read_data(cfg.train_data, cfg.eval_data)
+    assert (fmt, len(rows), eval_rows) == ("messages", len(chats) * 50, [])
+    assert rows.cache_files and all(f["filename"].endswith(".arrow") for f in rows.cache_files)
+    assert rows[len(chats)] == chats[0]
+    pc = train_data.to_dataset(rows, fmt, "completion_only")
+    assert pc[0] == to_prompt_completion(chats[0]["messages"]) and pc.cache_files
+
+
 @pytest.mark.parametrize("preset", ["demo", "llama3-8b-medical"])
 def test_arguments_from_the_rule_parse(preset):
     """What the rule passes (every key of `training:` as --key value) parses into Config unchanged."""

@@ -4,6 +4,7 @@ merge_and_unload, and the workflow's own overhead.
     python scripts/tools/bench.py train [--preset auto] [--steps 12] [--warmup 3] [--out results/bench/train.json]
     python scripts/tools/bench.py merge [--arch llama-1b] [--out results/bench/merge.json]
     python scripts/tools/bench.py workflow [--directory .] [--out results/bench/workflow.json]
+    python scripts/tools/bench.py data [--rows 20000 200000 1000000] [--out results/bench/data.json]
 
 train: for the architecture of a preset (random weights of the real config: nothing is downloaded), runs N
 optimizer steps of scripts/train.py (our stage, with its speed levers at their defaults) and, in the same
@@ -21,6 +22,9 @@ in two child processes, peft (load, merge_and_unload, save_pretrained) and the s
 each one's peak RSS (their own, from wait4) and time, and the largest shard.
 
 workflow: on a completed run, the wall time of a dry-run (`snakemake -n`) and of a no-op re-run.
+
+data: the data stage on generated demo-shaped chat rows of each size, in a child process each: rows/s and peak RSS;
+then the train stage's loading of what it wrote (time, peak RSS).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the tools' package and the library
 
 from hpc_finetune.io.cli import setup_logging  # noqa: E402
+from tools.benchmarks.data import bench_data, data_child, train_data_child  # noqa: E402
 from tools.benchmarks.merge import bench_merge, merge_child  # noqa: E402
 from tools.benchmarks.models import ARCHS  # noqa: E402
 from tools.benchmarks.train import bench_train, child  # noqa: E402
@@ -46,6 +51,10 @@ def main(argv: list[str] | None = None) -> Any:
         return child(*argv[1:4])
     if argv[:1] == ["_merge_child"]:
         return merge_child(*argv[1:6])
+    if argv[:1] == ["_data_child"]:
+        return data_child(*argv[1:4])
+    if argv[:1] == ["_train_data_child"]:
+        return train_data_child(*argv[1:3])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="our train stage vs a plain TRL+PEFT baseline")
@@ -84,8 +93,14 @@ def main(argv: list[str] | None = None) -> Any:
     wf.add_argument("--repeats", type=int, default=3)
     wf.add_argument("--snakemake-args", nargs="*", default=[])
     wf.add_argument("--out", default="results/bench/workflow.json")
+    dt = sub.add_parser("data", help="the data stage's rows/s and peak RSS on generated demo-shaped rows")
+    dt.add_argument("--rows", type=int, nargs="+", default=[20000, 200000, 1000000], help="dataset sizes")
+    dt.add_argument("--child-timeout", type=float, help="seconds one size may take before it is killed")
+    dt.add_argument("--work", default="results/bench")
+    dt.add_argument("--out", default="results/bench/data.json")
     args = parser.parse_args(argv)
-    return {"train": bench_train, "merge": bench_merge, "workflow": bench_workflow}[args.command](args)
+    return {"train": bench_train, "merge": bench_merge, "workflow": bench_workflow,
+            "data": bench_data}[args.command](args)
 
 
 def _cuda() -> bool:

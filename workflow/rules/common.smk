@@ -57,7 +57,12 @@ from hpc_finetune.workflow.paths import (
     summary_inputs,
     upload_dirs,
 )
-from hpc_finetune.workflow.slurm import scaled, status_command_problem, train_placement
+from hpc_finetune.workflow.slurm import (
+    follows_data,
+    scaled,
+    status_command_problem,
+    train_placement,
+)
 from hpc_finetune.tracking.mlflow_run import tracking_environment
 
 try:

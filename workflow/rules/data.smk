@@ -52,7 +52,8 @@ rule prepare_data:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=RESOURCES["cpu_mem_mb"],
+        # the floor, plus what the streaming stage keeps per row (README, "Data at any size")
+        mem_mb=follows_data(config, RESOURCES["cpu_mem_mb"], ("data", "test"), 2.0),
         runtime=RESOURCES["cpu_runtime"],
     params:
         args=stage_args(

@@ -31,7 +31,8 @@ rule train:
     resources:
         **train_placement(config),
         in_image=IN_IMAGE,
-        mem_mb=scaled(config, RESOURCES["train_mem_mb"]),
+        # the floor, plus the prepared rows memory-mapped (README, "Data at any size")
+        mem_mb=follows_data(config, RESOURCES["train_mem_mb"], ("train", "eval"), 1.0),
         runtime=scaled(config, RESOURCES["train_runtime"]),
         stop_before=RESOURCES["train_stop_before"],
         # how the run is watched (README, "Seeing a run"): a resource, so turning MLflow on re-runs nothing

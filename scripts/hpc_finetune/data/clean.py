@@ -1,20 +1,29 @@
 """Cleaning the rows of a dataset part (the training rows, or a held-out split) as the data stage does: normalise,
 strip a leading BOS from text rows, drop empty and duplicate rows, measure the tokens as the trainer sees them,
 apply dataset.long_rows, and refuse a part that lost too much. No heavy imports: the tokenizer is passed in.
+
+The rows stream through: they are read, normalised and measured (the fast tokenizer, BATCH rows at a time) as they
+come, and the kept ones go to a file (Kept); what stays in memory per row is a fixed-size digest (for the
+duplicate and leak checks), a file offset and a token length, whatever the rows hold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+from array import array
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hpc_finetune.data.source import is_empty, normalise
+from hpc_finetune.data.source import is_empty, normalised
 from hpc_finetune.io.cli import StageError, plural
 
 LONG_ROWS = ("drop", "truncate", "error")
 DROP_REASONS = ("empty", "duplicate", "too_long")
+BATCH = 2048  # rows measured by the tokenizer at a time
 
 
 @dataclass(frozen=True)
@@ -26,58 +35,118 @@ class Limits:
     max_dropped_fraction: float
 
 
+def digest(line: bytes) -> bytes:
+    """A row's identity for the duplicate and leak checks: 16 bytes of BLAKE2b of its normalised JSON (the
+    normalisers build every row with the same key order, so equal rows give equal JSON)."""
+    return hashlib.blake2b(line, digest_size=16).digest()
+
+
+class Kept:
+    """The rows a part keeps, in input order, in a file of JSON lines (as the outputs hold them) in `directory`:
+    row(i) reads one back; in memory only the offsets, token lengths and digests."""
+
+    def __init__(self, directory: str):
+        import tempfile
+
+        fd, self.path = tempfile.mkstemp(dir=directory, prefix="kept.", suffix=".jsonl")
+        self.file = os.fdopen(fd, "w+b", buffering=1 << 20)
+        self.offsets, self.lengths, self.digests = array("q", [0]), array("l"), []
+
+    def add(self, line: bytes, key: bytes, length: int) -> None:
+        self.file.write(line)
+        self.offsets.append(self.offsets[-1] + len(line))
+        self.lengths.append(length)
+        self.digests.append(key)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int) -> bytes:
+        """Row i as one line of JSON (newline included)."""
+        if self.file.writable():
+            self.file.flush()
+        return os.pread(self.file.fileno(), self.offsets[i + 1] - self.offsets[i], self.offsets[i])
+
+    def close(self) -> None:
+        self.file.close()
+        os.unlink(self.path)
+
+
 @dataclass
 class Part:
-    """The rows of one part (training, or the held-out split) after cleaning: (row, token length) pairs."""
+    """The rows of one part (training, or the held-out split) after cleaning."""
 
     where: str
     input_rows: int
-    pairs: list[tuple[dict, int]]
+    kept: Kept  # the rows kept and their token lengths
+    keys: set  # the digests of the kept rows
     counts: Counter
     long: int  # rows over max_seq_length (dropped or truncated)
 
 
-def clean(rows: list[dict], where: str, fmt: str, text_field: str, tokenizer, model: str, limits: Limits,
-          exclude: set[str] = frozenset()) -> Part:
+def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer, model: str, limits: Limits,
+          spill: str, exclude: set = frozenset()) -> Part:
     """Normalise, strip a leading BOS from text rows, drop empty and duplicate rows (and those in `exclude`: the
-    training rows, for the held-out split), measure the tokens and apply dataset.long_rows."""
+    digests of the training rows, for the held-out split), measure the tokens and apply dataset.long_rows. The kept
+    rows go to a file in the directory `spill`."""
     bos = tokenizer.bos_token
     counts: Counter = Counter()
-    kept, numbers, seen = [], [], set()
-    for number, out in enumerate(normalise(rows, fmt, text_field, where), start=1):
-        if fmt == "text" and bos and out["text"].startswith(bos):
-            out["text"] = out["text"][len(bos) :]
-            counts["bos_stripped"] += 1
-        key = json.dumps(out, sort_keys=True)
-        reason = "empty" if is_empty(out) else "duplicate" if key in seen else "in_train" if key in exclude else None
-        if reason:
-            counts[reason] += 1
-            continue
-        seen.add(key)
-        kept.append(out)
-        numbers.append(number)
+    kept, seen = Kept(spill), set()
+    long, first_long, dropped_keys = 0, [], []
+    pending: list[tuple[int, dict, bytes, bytes]] = []
 
-    lengths = token_lengths(tokenizer, kept, fmt, model)
-    long = [i for i, n in enumerate(lengths) if n > limits.max_seq_length]
-    if long and limits.long_rows == "error":
-        first = ", ".join(f"row {numbers[i]} ({lengths[i]} tokens)" for i in long[:5])
-        raise StageError(
-            f"{where}: {plural(len(long), 'row')} longer than max_seq_length={limits.max_seq_length} tokens: "
-            f"{first}{', ...' * (len(long) > 5)}. Raise training.max_seq_length or set dataset.long_rows to "
-            "drop or truncate"
-        )
-    pairs = list(zip(kept, lengths, strict=True))
-    if limits.long_rows == "drop":
-        pairs = [(row, n) for row, n in pairs if n <= limits.max_seq_length]
-        counts["too_long"] = len(long)
-    part = Part(where, len(rows), pairs, counts, len(long))
-    check_dropped(part, fmt, text_field, limits)
+    def measure() -> None:
+        nonlocal long
+        lengths = token_lengths(tokenizer, [row for _, row, _, _ in pending], fmt, model)
+        for (number, _, line, key), n in zip(pending, lengths, strict=True):
+            if n > limits.max_seq_length:
+                long += 1
+                if len(first_long) < 5:
+                    first_long.append((number, n))
+                if limits.long_rows == "drop":
+                    dropped_keys.append(key)
+                    continue
+            kept.add(line, key, n)
+        pending.clear()
+
+    try:
+        number = 0
+        for number, out in enumerate(normalised(rows, fmt, text_field, where), start=1):
+            if fmt == "text" and bos and out["text"].startswith(bos):
+                out["text"] = out["text"][len(bos) :]
+                counts["bos_stripped"] += 1
+            line = (json.dumps(out, ensure_ascii=False) + "\n").encode()
+            key = digest(line)
+            reason = "empty" if is_empty(out) else "duplicate" if key in seen else "in_train" if key in exclude else None
+            if reason:
+                counts[reason] += 1
+                continue
+            seen.add(key)
+            pending.append((number, out, line, key))
+            if len(pending) >= BATCH:
+                measure()
+        measure()
+        if long and limits.long_rows == "error":
+            first = ", ".join(f"row {row} ({n} tokens)" for row, n in first_long)
+            raise StageError(
+                f"{where}: {plural(long, 'row')} longer than max_seq_length={limits.max_seq_length} tokens: "
+                f"{first}{', ...' * (long > 5)}. Raise training.max_seq_length or set dataset.long_rows to "
+                "drop or truncate"
+            )
+        if limits.long_rows == "drop":
+            counts["too_long"] = long
+        seen.difference_update(dropped_keys)
+        part = Part(where, number, kept, seen, counts, long)
+        check_dropped(part, fmt, text_field, limits)
+    except BaseException:
+        kept.close()
+        raise
     return part
 
 
 def check_dropped(part: Part, fmt: str, text_field: str, limits: Limits) -> None:
     dropped = {reason: part.counts[reason] for reason in (*DROP_REASONS, "in_train") if part.counts[reason]}
-    if part.pairs and sum(dropped.values()) <= limits.max_dropped_fraction * part.input_rows:
+    if len(part.kept) and sum(dropped.values()) <= limits.max_dropped_fraction * part.input_rows:
         return
     hints = {
         "empty": f"check dataset.format (resolved: {fmt}) and dataset.text_field ({text_field})",
@@ -87,7 +156,7 @@ def check_dropped(part: Part, fmt: str, text_field: str, limits: Limits) -> None
                     "held-out split, set dataset.eval_split none to hold out dataset.eval_fraction of the training "
                     "rows instead",
     }
-    why = "no rows left" if not part.pairs else f"more than dataset.max_dropped_fraction={limits.max_dropped_fraction}"
+    why = "no rows left" if not len(part.kept) else f"more than dataset.max_dropped_fraction={limits.max_dropped_fraction}"
     raise StageError(
         f"{part.where}: {sum(dropped.values())} of {plural(part.input_rows, 'row')} dropped "
         f"({', '.join(f'{n} {reason}' for reason, n in dropped.items()) or 'none'}), {why}. Likely fix: "

@@ -12,13 +12,15 @@ change. No heavy imports at module level.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_finetune.io.cli import StageError
-from hpc_finetune.io.files import read_jsonl
+from hpc_finetune.io.files import iter_jsonl
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -26,6 +28,53 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", **ROL
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 # dataset.eval_split auto takes the first of these that the dataset has (other than the training split)
 HELD_OUT_SPLITS = ("validation", "valid", "eval", "dev", "test")
+
+
+BATCH = 1024  # rows read from an Arrow-backed source at a time
+
+
+class Rows:
+    """The rows of a file or split, read again on every pass, batch by batch, so that a dataset of any size is never
+    held in memory. len() and columns() cost one pass, made once (an Arrow-backed source knows both without one)."""
+
+    def __init__(self, read: Callable[[], Iterable[dict]], count: int | None = None, names: list[str] | None = None):
+        self._read, self._count, self._names = read, count, names
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self._read())
+
+    def __bool__(self) -> bool:
+        return self._count > 0 if self._count is not None else next(iter(self), None) is not None
+
+    def __getitem__(self, index: slice) -> list[dict]:
+        """The rows of a slice with bounds from the start (rows[:1]), read up to its end."""
+        if not isinstance(index, slice) or min(index.start or 0, index.stop or 0) < 0 or index.step not in (None, 1):
+            raise TypeError("Rows take slices with non-negative bounds only, e.g. rows[:1]")
+        return list(itertools.islice(self, index.start, index.stop))
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self.columns()
+        return self._count
+
+    def columns(self) -> list[str]:
+        if self._names is None:
+            names, count = {}, 0
+            for row in self:
+                names.update(dict.fromkeys(row))
+                count += 1
+            self._names, self._count = list(names), count
+        return self._names
+
+
+def dataset_rows(ds) -> Rows:
+    """The rows of a datasets.Dataset (memory-mapped Arrow), read BATCH rows at a time."""
+    def read() -> Iterator[dict]:
+        for start in range(0, len(ds), BATCH):
+            batch = ds[start : start + BATCH]
+            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+
+    return Rows(read, len(ds), list(ds.column_names))
 
 
 class RowError(ValueError):
@@ -57,7 +106,7 @@ def read_source(path: str, split: str = "train", eval_split: str = "auto", confi
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
     if local.is_file():
-        readers = {".json": read_json_rows, ".jsonl": read_jsonl, ".csv": read_csv}
+        readers = {".json": read_json_rows, ".jsonl": jsonl_rows, ".csv": read_csv}
         if suffix not in FILE_TYPES:
             raise StageError(
                 f"dataset {local}: unsupported file type {suffix or '(none)'!r}; use a "
@@ -126,11 +175,19 @@ def pick_test_split(path: str, names: list[str], test_split: str, split: str, he
     return test_split
 
 
-def read_json_rows(path: Path) -> list[dict]:
-    """A JSON array of objects, or JSON lines in a .json file."""
+def jsonl_rows(path: Path) -> Rows:
+    return Rows(lambda: iter_jsonl(path))
+
+
+def read_json_rows(path: Path) -> list[dict] | Rows:
+    """A JSON array of objects (read whole: JSON has no way to read an array in parts), or JSON lines in a .json
+    file (read as they are used)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        while (char := fh.read(1)) and char.isspace():
+            pass
+    if char != "[":
+        return jsonl_rows(path)
     text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
-        return read_jsonl(path)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
@@ -143,40 +200,61 @@ def read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_csv(path: Path) -> list[dict]:
+def read_csv(path: Path) -> Rows:
+    return Rows(lambda: iter_csv(path))
+
+
+def iter_csv(path: Path) -> Iterator[dict]:
     csv.field_size_limit(2**31 - 1)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh, strict=True)
         try:
             header = next(reader, [])
-            rows = []
             for values in filter(None, reader):  # blank lines are skipped
                 if len(values) != len(header):
                     raise StageError(
                         f"{path} line {reader.line_num}: {len(values)} fields, the header {len(header)}"
                     )
-                rows.append(dict(zip(header, values, strict=True)))
+                yield dict(zip(header, values, strict=True))
         except csv.Error as err:
             raise StageError(f"{path} line {reader.line_num}: not valid CSV ({err})") from None
-    return rows
 
 
-def read_arrow(path: Path) -> list[dict]:
-    """Parquet, or an Arrow IPC file (the stream format datasets writes, or the file format)."""
+def read_arrow(path: Path) -> Rows:
+    """Parquet, or an Arrow IPC file (the stream format datasets writes, or the file format), memory-mapped and
+    read BATCH rows at a time."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        if path.suffix.lower() == ".parquet":
-            return pq.read_table(path).to_pylist()
-        with pa.memory_map(str(path)) as source:
-            try:
-                return pa.ipc.open_stream(source).read_all().to_pylist()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return pa.ipc.open_file(source).read_all().to_pylist()
-    except (pa.ArrowException, OSError) as err:
-        raise StageError(f"{path}: cannot read it as {path.suffix[1:]}: {err}") from None
+    def batches():
+        import pyarrow.parquet as pq
+
+        try:
+            if path.suffix.lower() == ".parquet":
+                yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH)
+                return
+            with pa.memory_map(str(path)) as source:
+                try:
+                    reader = pa.ipc.open_stream(source)
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    opened = pa.ipc.open_file(source)
+                    reader = (opened.get_batch(i) for i in range(opened.num_record_batches))
+                yield from reader
+        except (pa.ArrowException, OSError) as err:
+            raise StageError(f"{path}: cannot read it as {path.suffix[1:]}: {err}") from None
+
+    def read() -> Iterator[dict]:
+        for batch in batches():
+            yield from batch.to_pylist()
+
+    first = next(batches(), None)  # a file that is no Arrow or Parquet fails here, as it is read
+    if first is None:
+        return Rows(read, 0, [])
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return Rows(read, pq.ParquetFile(path).metadata.num_rows, first.schema.names)
+    return Rows(read, sum(batch.num_rows for batch in batches()), first.schema.names)
 
 
 def read_saved(path: Path) -> dict:
@@ -188,8 +266,8 @@ def read_saved(path: Path) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise StageError(f"dataset {path}: looks saved with datasets' save_to_disk but cannot be read ({err})") from None
     if isinstance(ds, datasets.DatasetDict):
-        return {name: (lambda name=name: ds[name].to_list()) for name in ds}
-    return {None: ds.to_list}
+        return {name: (lambda name=name: dataset_rows(ds[name])) for name in ds}
+    return {None: lambda: dataset_rows(ds)}
 
 
 def read_repository(name: str, config_name: str | None) -> dict:
@@ -214,9 +292,9 @@ def read_repository(name: str, config_name: str | None) -> dict:
             "dataset.path to DIR"
         ) from None
 
-    def load(split: str) -> list[dict]:
+    def load(split: str) -> Rows:
         try:
-            return datasets.load_dataset(name, config_name, split=split).to_list()
+            return dataset_rows(datasets.load_dataset(name, config_name, split=split))
         except Exception as err:  # noqa: BLE001 - the download or the parse of one split
             raise StageError(f"cannot load split {split!r} of the {where}: {type(err).__name__}: {err}") from None
 
@@ -328,22 +406,27 @@ def resolve_format(columns: list[str], fmt: str, text_field: str, path: str) -> 
 
 
 
-def columns(rows: list[dict]) -> list[str]:
+def columns(rows: Iterable[dict]) -> list[str]:
     """Every column name of the rows, in first-seen order."""
+    if isinstance(rows, Rows):
+        return rows.columns()
     return list(dict.fromkeys(key for row in rows for key in row))
 
 
-def normalise(rows: list[dict], fmt: str, text_field: str, where: str) -> list[dict]:
+def normalise(rows: Iterable[dict], fmt: str, text_field: str, where: str) -> list[dict]:
     """Every row in the resolved format's shape; a row that does not fit is a StageError naming `where` and the row
     number (1-based)."""
+    return list(normalised(rows, fmt, text_field, where))
+
+
+def normalised(rows: Iterable[dict], fmt: str, text_field: str, where: str) -> Iterator[dict]:
+    """normalise(), one row at a time."""
     convert = NORMALISE[fmt]
-    out = []
     for number, row in enumerate(rows, start=1):
         try:
-            out.append(convert(row, text_field))
+            yield convert(row, text_field)
         except RowError as err:
             raise StageError(f"{where} row {number}: {err} (format {fmt})") from None
-    return out
 
 
 def texts(row: dict) -> list[str]:

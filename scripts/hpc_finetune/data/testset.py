@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc_finetune.data.source import read_arrow, read_csv, read_json_rows, read_repository, read_saved
+from hpc_finetune.data.source import (
+    jsonl_rows,
+    read_arrow,
+    read_csv,
+    read_json_rows,
+    read_repository,
+    read_saved,
+)
 from hpc_finetune.io.cli import StageError
-from hpc_finetune.io.files import read_jsonl
 
 # The columns each format needs in every row (the same names resolve_format detects a format by).
 NEEDS = {
@@ -21,7 +27,7 @@ NEEDS = {
 }
 
 
-def read_test_path(path: str, config_name: str | None = None) -> list[dict]:
+def read_test_path(path: str, config_name: str | None = None):
     """The rows of dataset.test_path: a file (all its rows), or a directory with splits (its `test` split, or its
     only one)."""
     local = Path(path).expanduser()
@@ -29,7 +35,7 @@ def read_test_path(path: str, config_name: str | None = None) -> list[dict]:
         raise StageError(f"dataset.test_path {path}: not found; set it to a local file or directory of test rows "
                          "(or leave it null to use the dataset's test split or the held-out rows)")
     if local.is_file():
-        readers = {".json": read_json_rows, ".jsonl": read_jsonl, ".csv": read_csv, ".parquet": read_arrow,
+        readers = {".json": read_json_rows, ".jsonl": jsonl_rows, ".csv": read_csv, ".parquet": read_arrow,
                    ".arrow": read_arrow}
         if local.suffix.lower() not in readers:
             raise StageError(f"dataset.test_path {local}: unsupported file type {local.suffix or '(none)'!r}; use a "
@@ -46,7 +52,7 @@ def read_test_path(path: str, config_name: str | None = None) -> list[dict]:
     return splits["test" if "test" in names else names[0]]()
 
 
-def require_fields(rows: list[dict], fmt: str, text_field: str, where: str) -> None:
+def require_fields(rows, fmt: str, text_field: str, where: str) -> None:
     """Every row has the columns the format needs, else a StageError naming `where` and the first bad row; no
     rows at all is an error too."""
     if not rows:

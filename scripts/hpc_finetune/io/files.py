@@ -94,7 +94,12 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read JSON Lines; a malformed line is a StageError naming the file and the line."""
-    rows = []
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """The rows of a JSON Lines file one by one (never all in memory); a malformed line is a StageError naming the
+    file and the line."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -111,8 +116,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise StageError(f"{path} line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(row, dict):
                 raise StageError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield row
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[typing.BinaryIO]:
+    """A binary file to write `path` through, piece by piece: it replaces `path` (shared permissions) only when the
+    block ends without an error; an error leaves the old file in place and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

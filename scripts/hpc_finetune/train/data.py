@@ -5,24 +5,34 @@ Loss masking: chat data trains on the assistant turns when the chat template mar
 otherwise each conversation becomes prompt (all turns before the last assistant reply) and completion (that
 reply), so that only the reply is trained with any template. prompt/completion data trains on the completion,
 text data on everything.
+
+The rows are read memory-mapped: datasets' JSON loader turns each file into Arrow in its cache once, and the
+training reads it from there, so the stage's memory does not grow with the number of rows.
 """
 
 from __future__ import annotations
 
 from hpc_finetune.data.rows import detect_format, to_prompt_completion
 from hpc_finetune.io.cli import StageError, log
-from hpc_finetune.io.files import read_jsonl
+from hpc_finetune.io.files import iter_jsonl
 
 
-def read_data(train_data: str, eval_data: str) -> tuple[list[dict], list[dict], str]:
-    """Train and eval rows and their format (the same for both)."""
-    train_rows, eval_rows = read_jsonl(train_data), read_jsonl(eval_data)
-    if not train_rows:
+def read_data(train_data: str, eval_data: str) -> tuple:
+    """Train and eval rows (datasets.Dataset, memory-mapped; the eval rows [] when there are none) and their
+    format (the same for both). Every row is checked first, one at a time, so a bad one is named by its line."""
+    fmt = detect_format(iter_jsonl(train_data), train_data)
+    if fmt is None:
         raise StageError(f"{train_data} has no rows; check the data stage's report")
-    fmt = detect_format(train_rows, train_data)
-    if eval_rows and (eval_fmt := detect_format(eval_rows, eval_data)) != fmt:
+    if (eval_fmt := detect_format(iter_jsonl(eval_data), eval_data)) not in (None, fmt):
         raise StageError(f"{eval_data} is {eval_fmt} but the training data is {fmt}")
-    return train_rows, eval_rows, fmt
+    return mapped(train_data), mapped(eval_data) if eval_fmt else [], fmt
+
+
+def mapped(path: str):
+    """A JSON Lines file as a memory-mapped datasets.Dataset (converted to Arrow in datasets' cache once)."""
+    import datasets
+
+    return datasets.load_dataset("json", data_files=str(path), split="train")
 
 
 
@@ -48,12 +58,20 @@ def loss_mode(fmt: str, tokenizer, assistant_only: bool) -> str:
     return "completion_only"
 
 
-def to_dataset(rows: list[dict], fmt: str, mode: str):
-    """The rows as a datasets.Dataset in the form the loss mode needs; None when there are none."""
+def to_dataset(rows, fmt: str, mode: str):
+    """The rows (a list, or a datasets.Dataset) as a datasets.Dataset in the form the loss mode needs; None when
+    there are none."""
     from datasets import Dataset
 
-    if not rows:
+    if not len(rows):
         return None
+    ds = rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
     if fmt == "messages" and mode == "completion_only":
-        rows = [to_prompt_completion(row["messages"]) for row in rows]
-    return Dataset.from_list(rows)
+        ds = ds.map(lambda batch: pc_columns(batch["messages"]), batched=True,
+                    remove_columns=ds.column_names)
+    return ds
+
+
+def pc_columns(conversations: list[list[dict]]) -> dict:
+    pairs = [to_prompt_completion(messages) for messages in conversations]
+    return {"prompt": [p["prompt"] for p in pairs], "completion": [p["completion"] for p in pairs]}

@@ -1,10 +1,12 @@
 """Portable resources of the rules that Slurm turns into sbatch options: memory and time that grow on each retry,
-and the GPU and node placement of the train job; and the check, when the workflow starts, that the slurm executor
-can learn when a job ends."""
+memory that follows the size of a job's data, and the GPU and node placement of the train job; and the check, when
+the workflow starts, that the slurm executor can learn when a job ends."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 
 def scaled(cfg: dict, base: int):
@@ -16,6 +18,31 @@ def scaled(cfg: dict, base: int):
         return int(base * factor ** (attempt - 1))
 
     return value
+
+
+def follows_data(cfg: dict, base: int, names: tuple[str, ...], mb_per_mb: float):
+    """A memory request (MB) that follows the job's data: `base` (the floor: the program, its libraries, the
+    model) plus `mb_per_mb` MB for each MB of the rule's inputs `names` (files, or directories: every file in
+    them), grown on each retry like scaled(). Evaluated when the job is about to run: an input that does not exist
+    yet raises FileNotFoundError, which Snakemake takes as "to be determined" until it does."""
+    factor = cfg["resources"]["retry_factor"]
+
+    def value(wildcards, input, attempt):
+        paths = []
+        for name in names:
+            found = getattr(input, name, [])
+            paths += [found] if isinstance(found, str) else list(found)
+        return int((base + mb_per_mb * sum(map(tree_bytes, paths)) / 2**20) * factor ** (attempt - 1))
+
+    return value
+
+
+def tree_bytes(path: str) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum((Path(root) / f).stat().st_size for root, _, files in os.walk(path) for f in files)
 
 
 def train_placement(cfg: dict) -> dict:
