@@ -34,8 +34,10 @@ NO_ACCOUNTING = ["--slurm-status-command", "squeue"]  # the one override: this c
 QUICK_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3"]
 CPU_STAGES = ("build_demo_model", "model", "prepare_data", "summary", "plots")
 GPU_STAGES = ("preflight", "train", "merge", "evaluate")
-# Resources the demo's jobs ask for (resources are not params: changing them re-runs nothing).
-DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resources__train_runtime=20")
+# Resources the demo's jobs ask for (resources are not params: changing them re-runs nothing). A time limit far
+# beyond the demo's training (480 steps: ~1 min idle, 25 min on a loaded 2-core machine, where a 20-minute limit
+# stopped it at 15 min and the retry made the demo's first train job FAILED): only the time-limit test meets one.
+DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resources__train_runtime=120")
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/\d+\.log)\)")
 
 
@@ -135,7 +137,7 @@ def test_train_ran_on_the_gpu_partition_with_a_gpu(slurm_demo):
     train_log = next(log for rule, _, log in slurm_demo.jobs if rule == "train")
     assert re.search(r"\bgpu=1\b", job_log_resources(train_log)) and "slurm_partition=gpu" in job_log_resources(
         train_log)
-    assert record["TimeLimit"] == "00:20:00" and "mem=3000M" in record["TRES"], record  # from config resources
+    assert record["TimeLimit"] == "02:00:00" and "mem=3000M" in record["TRES"], record  # from config resources
     log = (slurm_demo.workdir / "results" / "demo" / "logs" / "train.log").read_text()
     # The process count came from the allocation, which holds one placeholder GPU; torch saw no GPU: CPU training.
     assert "1 process(es) per node (SLURM_GPUS_ON_NODE)" in log and "CUDA_VISIBLE_DEVICES='0'" in log, log[:2000]
