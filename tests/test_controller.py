@@ -15,6 +15,7 @@ import pytest
 from hpc_finetune.summary.manifest import artifacts, missing_artifacts
 from hpc_finetune.workflow import runlock
 from hpc_finetune.workflow.controller import damaged, leftovers, set_aside
+from support.common import REPO
 
 HOLD = "import sys; from hpc_finetune.workflow import runlock; fh, note = runlock.take(sys.argv[1]); " \
        "print('taken', note, flush=True); sys.stdin.read()"
@@ -112,3 +113,13 @@ def test_leftovers_of_killed_jobs_beside_a_finished_deliverable_are_found(tmp_pa
     assert [p.name for p in found] == [".adapters.old", ".adapters.tmp", ".merged.old-77", ".merged.partial-123"]
     (run / "merged").rename(run / "elsewhere")  # missing: its stage will remove or reuse them when it runs
     assert [p.name for p in leftovers(roots)] == [".adapters.old", ".adapters.tmp"]
+
+
+def test_the_workflow_has_one_handler_of_each_kind():
+    """Snakemake keeps only the last `onstart:` (`onsuccess:`, `onerror:`) defined: a second one silently replaced
+    the Slurm accounting check once. Every start-time check lives in workflow/rules/controller.smk's one handler."""
+    files = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    for handler in ("onstart", "onsuccess", "onerror"):
+        defined = [f.name for f in files for line in f.read_text().splitlines() if line.startswith(f"{handler}:")]
+        assert len(defined) <= 1, f"{handler} is defined in {defined}: only the last one would run"
+    assert "status_command_problem(" in (REPO / "workflow" / "rules" / "controller.smk").read_text()

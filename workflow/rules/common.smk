@@ -124,15 +124,3 @@ CONTAINER_IMAGE = (
         else ancient(container_image(config))
     )
 )
-
-
-# With the slurm executor on a cluster without job accounting (sacct fails), the run would hang silently after the
-# first job: say so and stop before anything is submitted (README, "Running on a cluster"). onstart runs in the
-# main process once the executor is known, after the DAG is built and before the first job.
-onstart:
-    _problem = status_command_problem(
-        workflow.executor_plugin.name if workflow.executor_plugin else None,
-        getattr(workflow.executor_settings, "status_command", None),
-    )
-    if _problem:
-        sys.exit(_problem)
