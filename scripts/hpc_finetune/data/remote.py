@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from hpc_finetune.data.source import FILE_TYPES
+from hpc_finetune.data.readers import FILE_TYPES
 from hpc_finetune.io.cli import StageError, log
 from hpc_finetune.storage import s3
 

@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc_finetune.data.source import (
-    jsonl_rows,
-    read_arrow,
-    read_csv,
-    read_json_rows,
-    read_repository,
-    read_saved,
-)
+from hpc_finetune.data.readers import FILE_TYPES, read_file, read_splits
 from hpc_finetune.io.cli import StageError
 
 # The columns each format needs in every row (the same names resolve_format detects a format by).
@@ -35,14 +28,11 @@ def read_test_path(path: str, config_name: str | None = None):
         raise StageError(f"dataset.test_path {path}: not found; set it to a local file or directory of test rows "
                          "(or leave it null to use the dataset's test split or the held-out rows)")
     if local.is_file():
-        readers = {".json": read_json_rows, ".jsonl": jsonl_rows, ".csv": read_csv, ".parquet": read_arrow,
-                   ".arrow": read_arrow}
-        if local.suffix.lower() not in readers:
+        if local.suffix.lower() not in FILE_TYPES:
             raise StageError(f"dataset.test_path {local}: unsupported file type {local.suffix or '(none)'!r}; use a "
-                             f"{'/'.join(readers)} file or a dataset directory")
-        return readers[local.suffix.lower()](local)
-    saved = (local / "dataset_dict.json").is_file() or (local / "state.json").is_file()
-    splits = read_saved(local) if saved else read_repository(str(local), config_name)
+                             f"{'/'.join(FILE_TYPES)} file or a dataset directory")
+        return read_file(local)
+    splits = read_splits(local, config_name)
     names = [name for name in splits if name is not None]
     if not names:
         return splits[None]()

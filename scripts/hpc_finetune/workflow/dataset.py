@@ -50,7 +50,7 @@ def check_local_path(path: str) -> None:
     """A dataset.path that can only mean a file or directory on disk (absolute, or with a file suffix) must exist
     when Snakemake starts; otherwise the dry run would plan and the data stage fail later. A name that is neither
     (org/name, data/train.jsonl excepted) is a hub dataset."""
-    from hpc_finetune.data.source import FILE_TYPES
+    from hpc_finetune.data.readers import FILE_TYPES
     from hpc_finetune.hub.request import MODEL_ID
 
     local = Path(path).expanduser()
