@@ -89,16 +89,21 @@ def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer
     """Normalise, strip a leading BOS from text rows, drop empty and duplicate rows (and those in `exclude`: the
     digests of the training rows, for the held-out split), measure the tokens and apply dataset.long_rows. The kept
     rows go to a file in the directory `spill`."""
+    from hpc_finetune.data.tokens import Measure
+
     bos = tokenizer.bos_token
     counts: Counter = Counter()
     kept, seen = Kept(spill), set()
     long, first_long, dropped_keys = 0, [], []
-    pending: list[tuple[int, dict, bytes, bytes]] = []
+    pending: list[tuple[int, bytes, bytes]] = []
+    measure = Measure(tokenizer, fmt, model)  # a batch is measured while the next one is read
 
-    def measure() -> None:
+    def settle(done) -> None:
         nonlocal long
-        lengths = token_lengths(tokenizer, [row for _, row, _, _ in pending], fmt, model)
-        for (number, _, line, key), n in zip(pending, lengths, strict=True):
+        if done is None:
+            return
+        batch, lengths = done
+        for (number, line, key), n in zip(batch, lengths, strict=True):
             if n > limits.max_seq_length:
                 long += 1
                 if len(first_long) < 5:
@@ -107,25 +112,32 @@ def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer
                     dropped_keys.append(key)
                     continue
             kept.add(line, key, n)
-        pending.clear()
 
     try:
-        number = 0
-        for number, out in enumerate(normalised(rows, fmt, text_field, where), start=1):
-            if fmt == "text" and bos and out["text"].startswith(bos):
-                out["text"] = out["text"][len(bos) :]
-                counts["bos_stripped"] += 1
-            line = (json.dumps(out, ensure_ascii=False) + "\n").encode()
-            key = digest(line)
-            reason = "empty" if is_empty(out) else "duplicate" if key in seen else "in_train" if key in exclude else None
-            if reason:
-                counts[reason] += 1
-                continue
-            seen.add(key)
-            pending.append((number, out, line, key))
-            if len(pending) >= BATCH:
-                measure()
-        measure()
+        number, rows_out = 0, []
+        try:
+            for number, out in enumerate(normalised(rows, fmt, text_field, where), start=1):
+                if fmt == "text" and bos and out["text"].startswith(bos):
+                    out["text"] = out["text"][len(bos) :]
+                    counts["bos_stripped"] += 1
+                line = (json.dumps(out, ensure_ascii=False) + "\n").encode()
+                key = digest(line)
+                reason = "empty" if is_empty(out) else "duplicate" if key in seen else "in_train" if key in exclude else None
+                if reason:
+                    counts[reason] += 1
+                    continue
+                seen.add(key)
+                pending.append((number, line, key))
+                rows_out.append(out)
+                if len(pending) >= BATCH:
+                    settle(measure.submit(pending, rows_out))
+                    pending, rows_out = [], []
+            settle(measure.submit(pending, rows_out))
+            settle(measure.finish())
+        except BaseException as err:
+            measure.close(err)
+            raise
+        measure.close()
         if long and limits.long_rows == "error":
             first = ", ".join(f"row {row} ({n} tokens)" for row, n in first_long)
             raise StageError(
@@ -162,30 +174,6 @@ def check_dropped(part: Part, fmt: str, text_field: str, limits: Limits) -> None
         f"({', '.join(f'{n} {reason}' for reason, n in dropped.items()) or 'none'}), {why}. Likely fix: "
         + ("; ".join(hints[reason] for reason in dropped) or "check dataset.path")
     )
-
-
-def token_lengths(tokenizer, rows: list[dict], fmt: str, model: str) -> list[int]:
-    """Lengths as the trainer sees them: the chat template for messages; for text and prompt + completion the
-    tokenizer (which adds BOS) after TRL's appended EOS."""
-    if not rows:
-        return []
-    if fmt in ("messages", "alpaca"):
-        if not tokenizer.chat_template:
-            raise StageError(
-                f"the tokenizer of {model} has no chat template, so it cannot train on chat rows; "
-                "use an instruct model or a text/prompt_completion dataset"
-            )
-        try:
-            ids = tokenizer.apply_chat_template(
-                [r["messages"] for r in rows], tokenize=True, return_dict=True
-            )
-        except Exception as err:  # jinja raises its own errors, e.g. "system role not supported"
-            raise StageError(f"the chat template of {model} rejects these conversations: {err}") from None
-    else:
-        eos = tokenizer.eos_token or ""
-        texts = [r["text"] if fmt == "text" else r["prompt"] + r["completion"] for r in rows]
-        ids = tokenizer([t if t.endswith(eos) else t + eos for t in texts])
-    return [len(x) for x in ids["input_ids"]]
 
 
 def length_stats(lengths: list[int]) -> dict:
