@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_finetune.io.cli import StageError, cli, log, table
-from hpc_finetune.io.files import model_dir, read_jsonl, write_json
+from hpc_finetune.io.files import model_dir, write_json
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.io.schema import option
 from hpc_finetune.merge import streaming
 from hpc_finetune.merge.adapter import check_adapter
-from hpc_finetune.merge.check import check_inputs, default_tolerance, describe
+from hpc_finetune.merge.check import check_inputs, check_rows, default_tolerance, describe
 from hpc_finetune.merge.methods import merge_and_check
 from hpc_finetune.merge.save import install
 from hpc_finetune.model.load import dtype_name, load_tokenizer, resolve_dtype
@@ -84,7 +84,7 @@ def main(cfg: Config) -> dict:
     base_dir = model_dir(cfg.model_json)
     check_adapter(cfg.adapter_dir, base_dir)
     tokenizer = load_tokenizer(cfg.adapter_dir, base_dir)
-    eval_rows = read_jsonl(cfg.eval_data) if Path(cfg.eval_data).is_file() else []
+    eval_rows = check_rows(cfg.eval_data, cfg.check_samples)
     inputs = check_inputs(tokenizer, eval_rows, cfg.check_samples, cfg.eval_data)
     if not eval_rows:
         log.warning("%s has no rows: checking the merge on a fixed text instead", cfg.eval_data)

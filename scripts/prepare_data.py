@@ -48,6 +48,7 @@ from hpc_finetune.data.testset import read_test_path, require_fields
 from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import model_dir, read_json, write_json, writing
 from hpc_finetune.io.schema import option
+from hpc_finetune.train.data import ARROW_CACHE
 
 
 @dataclass
@@ -233,6 +234,8 @@ def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, 
             for i in order:
                 fh.write(part.kept.row(i))
     write_json(cfg.report_out, report)
+    for out in {Path(cfg.train_out).parent, Path(cfg.eval_out).parent}:  # the train stage's Arrow of the old data
+        shutil.rmtree(out / ARROW_CACHE, ignore_errors=True)
     log.info("%s", table(summary_rows(report), f"data: {cfg.path}"))
     return report
 

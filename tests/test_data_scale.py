@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 from support.common import REPO, write_input
 from support.data import write_jsonl
@@ -74,3 +75,18 @@ def test_the_data_stage_asks_for_memory_that_follows_the_dataset(tmp_path):
     plan = run_workflow(tmp_path, "-n", "results/demo/data/report.json", "--config", "dataset__path=big.jsonl")
     job = (plan.stdout + plan.stderr).split("rule prepare_data:", 1)[1].split("Shell command", 1)[0]
     assert re.search(r"\bmem_mb=(\d+)", job).group(1) == str(2000 + 2 * 1500)
+
+
+def test_the_train_stage_reads_its_arrow_beside_the_data_and_new_data_removes_it(run, tmp_path, monkeypatch):
+    """The Arrow form of train.jsonl goes beside it, not to datasets' cache in HF_HOME where every run's data would
+    stay; the data stage removes it with the data it was made from."""
+    from hpc_finetune.train.data import ARROW_CACHE, read_data
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    run(write_jsonl(tmp_path / "d.jsonl", [generated(i) for i in range(200)]), seed=1)
+    train, eval_rows, fmt = read_data(str(run.out / "train.jsonl"), str(run.out / "eval.jsonl"))
+    assert (fmt, len(train), len(eval_rows)) == ("prompt_completion", 175, 20)  # 200 rows less 4 repeats and 1 too long
+    assert all(Path(f["filename"]).is_relative_to(run.out / ARROW_CACHE) for f in train.cache_files + eval_rows.cache_files)
+    assert not list((tmp_path / "hf-home").rglob("*.arrow"))
+    run(tmp_path / "d.jsonl", seed=2)
+    assert not (run.out / ARROW_CACHE).exists()

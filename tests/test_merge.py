@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hpc_finetune.merge.check import default_tolerance, judge
+from hpc_finetune.merge.check import check_rows, default_tolerance, judge
 from hpc_finetune.model.load import resolve_dtype
 from support.common import adapter_inputs, demo_rows, make_adapter, write_rows
 
@@ -365,3 +365,13 @@ def test_16bit_rule_admits_rounding_not_a_wrong_merge():
     assert not judged([exact[0] * float("nan")])["passed"]
     fp32 = judge({**result, "exact_logits": None, "merged_logits": exact}, exact, tolerance=1e-3)
     assert not fp32["passed"] and "dtype_error" not in fp32  # float32: the plain rule only
+
+
+def test_the_check_reads_only_the_eval_rows_it_renders(tmp_path):
+    """eval.jsonl may hold a million rows: the check reads its first check_samples and stops there (a broken line
+    after them is never read), and a missing file gives no rows."""
+    path = write_rows(tmp_path / "eval.jsonl", demo_rows(0, 5))
+    with path.open("a") as fh:
+        fh.write("not JSON\n")
+    assert check_rows(str(path), 4) == demo_rows(0, 4) and check_rows(str(path), 5) == demo_rows(0, 5)
+    assert check_rows(str(tmp_path / "missing.jsonl"), 4) == []

@@ -4,10 +4,13 @@ rows rendered as training saw them, judged with a tolerance that knows what 16-b
 
 from __future__ import annotations
 
+import itertools
 import logging
+from pathlib import Path
 from typing import Any
 
 from hpc_finetune.data.rows import FALLBACK_TEXT, detect_format, encode, render
+from hpc_finetune.io.files import iter_jsonl
 from hpc_finetune.model.load import dtype_name, free, input_device, load_adapter, load_model
 
 log = logging.getLogger("finetune.merge")
@@ -20,6 +23,14 @@ def default_tolerance(dtype: Any) -> float:
     import torch
 
     return 1e-3 if dtype == torch.float32 else 0.1
+
+
+def check_rows(path: str, n: int) -> list[dict]:
+    """The first `n` rows of eval.jsonl (none when there is no file), read up to there: the file may hold a million
+    rows, and the data stage checked every row's shape."""
+    if not Path(path).is_file():
+        return []
+    return list(itertools.islice(iter_jsonl(path), n))
 
 
 def check_inputs(tokenizer: Any, rows: list[dict], n: int, source: str) -> list[list[int]]:

@@ -6,8 +6,10 @@ otherwise each conversation becomes prompt (all turns before the last assistant 
 reply), so that only the reply is trained with any template. prompt/completion data trains on the completion,
 text data on everything.
 
-The rows are read memory-mapped: datasets' JSON loader turns each file into Arrow in its cache once, and the
-training reads it from there, so the stage's memory does not grow with the number of rows.
+The rows are read memory-mapped: datasets' JSON loader turns each file into Arrow once, and the training reads it
+from there, so the stage's memory does not grow with the number of rows. The Arrow files (and TRL's tokenized
+copies beside them) go to ARROW_CACHE beside the data, not to datasets' cache in HF_HOME, where every run's data
+would stay: they go with the run's results, and the data stage removes them when it writes new data.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 from hpc_finetune.data.rows import detect_format, to_prompt_completion
 from hpc_finetune.io.cli import StageError, log
 from hpc_finetune.io.files import iter_jsonl
+
+ARROW_CACHE = ".arrow-cache"  # beside train.jsonl: the Arrow form of the data (mapped)
 
 
 def read_data(train_data: str, eval_data: str) -> tuple:
@@ -29,10 +33,13 @@ def read_data(train_data: str, eval_data: str) -> tuple:
 
 
 def mapped(path: str):
-    """A JSON Lines file as a memory-mapped datasets.Dataset (converted to Arrow in datasets' cache once)."""
+    """A JSON Lines file as a memory-mapped datasets.Dataset (converted to Arrow once, in ARROW_CACHE beside it)."""
+    from pathlib import Path
+
     import datasets
 
-    return datasets.load_dataset("json", data_files=str(path), split="train")
+    return datasets.load_dataset("json", data_files=str(path), split="train",
+                                 cache_dir=str(Path(path).parent / ARROW_CACHE))
 
 
 
