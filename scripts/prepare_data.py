@@ -100,10 +100,10 @@ def carve(pairs, cfg: Config) -> tuple:
     return pairs[n_eval:], pairs[:n_eval]
 
 
-def test_part(cfg: Config, source, fmt: str, text_field: str, clean_rows) -> tuple[Part | None, dict]:
+def test_part(cfg: Config, source, fmt: str, text_field: str, clean_rows, spill: str) -> tuple[Part | None, dict]:
     """The test set's rows, checked and cleaned (clean_rows(rows, where)), and where they came from."""
     if cfg.test_path:
-        rows, where = read_test_path(cfg.test_path, cfg.config_name), f"test set {cfg.test_path}"
+        rows, where = read_test_path(cfg.test_path, cfg.config_name, spill), f"test set {cfg.test_path}"
         kind = {"kind": "path", "path": cfg.test_path}
         if source.test_rows is not None:
             log.info("dataset.test_path %s is the test set; the dataset's split %s is not used", cfg.test_path,
@@ -170,7 +170,21 @@ def summary_rows(report: dict) -> list[tuple[str, object]]:
 
 def main(cfg: Config) -> dict:
     check_options(cfg)
-    source = read_source(cfg.path, cfg.split, cfg.eval_split, cfg.config_name, "none" if cfg.test_path else cfg.test_split)
+    Path(cfg.train_out).parent.mkdir(parents=True, exist_ok=True)
+    # the scratch beside the outputs: the kept rows, and a dataset repository's Arrow form (not left in HF_HOME)
+    spill = tempfile.mkdtemp(dir=Path(cfg.train_out).parent, prefix=".prepare_data.")
+    parts: list[Part] = []
+    try:
+        return prepare(cfg, spill, parts)
+    finally:
+        for part in parts:
+            part.kept.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def prepare(cfg: Config, spill: str, parts: list[Part]) -> dict:
+    source = read_source(cfg.path, cfg.split, cfg.eval_split, cfg.config_name,
+                         "none" if cfg.test_path else cfg.test_split, cache_dir=spill)
     where = f"dataset {cfg.path}" + (f" split {source.split}" if source.split else "")
     if not source.rows:
         raise StageError(f"{where} has no rows")
@@ -182,20 +196,12 @@ def main(cfg: Config) -> dict:
     model = model_dir(cfg.model_json)
     tokenizer = AutoTokenizer.from_pretrained(model)
     limits = Limits(cfg.max_seq_length, cfg.long_rows, cfg.max_dropped_fraction)
-    Path(cfg.train_out).parent.mkdir(parents=True, exist_ok=True)
-    spill = tempfile.mkdtemp(dir=Path(cfg.train_out).parent, prefix=".prepare_data.")
-    parts: list[Part] = []
 
     def clean_part(rows, where: str, exclude: set = frozenset()) -> Part:
         parts.append(clean(rows, where, fmt, text_field, tokenizer, model, limits, spill, exclude))
         return parts[-1]
 
-    try:
-        return split_and_write(cfg, source, where, fmt, text_field, found, clean_part)
-    finally:
-        for part in parts:
-            part.kept.close()
-        shutil.rmtree(spill, ignore_errors=True)
+    return split_and_write(cfg, source, where, fmt, text_field, found, clean_part, spill)
 
 
 def shuffled(rng: random.Random, n: int) -> array:
@@ -205,7 +211,8 @@ def shuffled(rng: random.Random, n: int) -> array:
     return order
 
 
-def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, found: list[str], clean_part) -> dict:
+def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, found: list[str], clean_part,
+                    spill: str) -> dict:
     train = clean_part(source.rows, where)
     rng = random.Random(cfg.seed)
     order = shuffled(rng, len(train.kept))
@@ -223,7 +230,7 @@ def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, 
     seen = train.keys  # the training rows' digests, and now the held-out rows' too
     if held:
         seen.update(held.kept.digests[i] for i in eval_pairs)
-    test, test_source = test_part(cfg, source, fmt, text_field, lambda rows, where: clean_part(rows, where, seen))
+    test, test_source = test_part(cfg, source, fmt, text_field, lambda rows, where: clean_part(rows, where, seen), spill)
     test_order = shuffled(rng, len(test.kept)) if test else []
     report = make_report(cfg, source, fmt, text_field, found, train, held, train_pairs, eval_pairs)
     report |= {"test_rows": len(test.kept) if test else 0, "test_source": test_source}

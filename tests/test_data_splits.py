@@ -51,14 +51,20 @@ def test_without_a_held_out_split_eval_fraction_applies(run, tmp_path):
 
 def test_a_dataset_repository_directory_uses_its_validation_file(run, tmp_path):
     """A directory laid out like a hub dataset repository (data files named by split), read through
-    datasets.load_dataset as a hub dataset is."""
+    datasets.load_dataset as a hub dataset is; its Arrow form goes to the stage's scratch, removed at the end, not to
+    datasets' cache in HF_HOME (where every dataset a run reads would stay)."""
+    import datasets
+
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
     write_jsonl(repo / "data" / "train.jsonl", PC_ROWS)
     write_jsonl(repo / "data" / "validation.jsonl", HELD)
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = set(cache.rglob("*.arrow"))
     report = run(repo)
     assert (report["train_rows"], report["eval_rows"]) == (12, 5)
     assert report["eval_source"]["split"] == "validation" and sorted(report["splits"]) == ["train", "validation"]
+    assert set(cache.rglob("*.arrow")) == before and not list(run.out.glob(".prepare_data.*"))
 
 
 @pytest.mark.parametrize(

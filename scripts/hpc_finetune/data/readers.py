@@ -160,14 +160,15 @@ def read_saved(path: Path) -> dict:
     return {None: lambda: dataset_rows(ds)}
 
 
-def read_repository(name: str, config_name: str | None) -> dict:
+def read_repository(name: str, config_name: str | None, cache_dir: str | None = None) -> dict:
     """A dataset repository: a hub name, or a local directory laid out like one (data files named by split, as
-    `git clone` of a hub dataset gives), read through datasets.load_dataset. {split: loader}."""
+    `git clone` of a hub dataset gives), read through datasets.load_dataset. {split: loader}. Its Arrow form goes
+    to `cache_dir` (the data stage's scratch, removed when it ends), else to datasets' cache in HF_HOME."""
     import datasets
 
     where = f"dataset {name!r} (config {config_name})"
     try:
-        builder = datasets.load_dataset_builder(name, config_name)
+        builder = datasets.load_dataset_builder(name, config_name, cache_dir=cache_dir)
         names = list(builder.info.splits or {}) or list(getattr(builder.config, "data_files", None) or {})
     except Exception as err:  # offline, unknown name, missing config: all need the same advice
         if Path(name).is_dir():
@@ -184,7 +185,7 @@ def read_repository(name: str, config_name: str | None) -> dict:
 
     def load(split: str) -> Rows:
         try:
-            return dataset_rows(datasets.load_dataset(name, config_name, split=split))
+            return dataset_rows(datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir))
         except Exception as err:  # noqa: BLE001 - the download or the parse of one split
             raise StageError(f"cannot load split {split!r} of the {where}: {type(err).__name__}: {err}") from None
 
@@ -197,7 +198,7 @@ def read_file(path: Path) -> list[dict] | Rows:
     return readers.get(path.suffix.lower(), read_arrow)(path)  # .parquet, .arrow
 
 
-def read_splits(path: Path, config_name: str | None) -> dict:
+def read_splits(path: Path, config_name: str | None, cache_dir: str | None = None) -> dict:
     """{split: loader} of a local directory: saved with save_to_disk, else laid out as a dataset repository."""
     saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-    return read_saved(path) if saved else read_repository(str(path), config_name)
+    return read_saved(path) if saved else read_repository(str(path), config_name, cache_dir)

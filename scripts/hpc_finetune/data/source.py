@@ -47,11 +47,12 @@ class Source:
 
 
 def read_source(path: str, split: str = "train", eval_split: str = "auto", config_name: str | None = None,
-                test_split: str = "none") -> Source:
+                test_split: str = "none", cache_dir: str | None = None) -> Source:
     """The rows of `path`: a local file (no splits), a save_to_disk directory, a directory laid out as a dataset
     repository, or a hub dataset name. eval_split: auto (the dataset's own held-out split when it has one, see
     HELD_OUT_SPLITS), none (never), or a split name (which must exist). test_split: auto (a split named `test`
-    that is neither the training nor the held-out split), none, or a split name (which must exist)."""
+    that is neither the training nor the held-out split), none, or a split name (which must exist). cache_dir: where a
+    dataset repository's Arrow form goes (read_repository)."""
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
     if local.is_file():
@@ -66,11 +67,11 @@ def read_source(path: str, split: str = "train", eval_split: str = "auto", confi
         no_splits(local, "test_split", test_split)
         return Source(read_file(local), None, None, None, [])
     if local.is_dir():
-        splits = read_splits(local, config_name)
+        splits = read_splits(local, config_name, cache_dir)
     elif suffix in FILE_TYPES or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise StageError(f"dataset {path} not found; set dataset.path to a file, a directory or a hub name org/name")
     else:
-        splits = read_repository(path, config_name)
+        splits = read_repository(path, config_name, cache_dir)
     return pick_splits(path, splits, split, eval_split, test_split)
 
 

@@ -20,9 +20,9 @@ NEEDS = {
 }
 
 
-def read_test_path(path: str, config_name: str | None = None):
+def read_test_path(path: str, config_name: str | None = None, cache_dir: str | None = None):
     """The rows of dataset.test_path: a file (all its rows), or a directory with splits (its `test` split, or its
-    only one)."""
+    only one; a dataset repository's Arrow form in `cache_dir`)."""
     local = Path(path).expanduser()
     if not local.exists():
         raise StageError(f"dataset.test_path {path}: not found; set it to a local file or directory of test rows "
@@ -32,7 +32,7 @@ def read_test_path(path: str, config_name: str | None = None):
             raise StageError(f"dataset.test_path {local}: unsupported file type {local.suffix or '(none)'!r}; use a "
                              f"{'/'.join(FILE_TYPES)} file or a dataset directory")
         return read_file(local)
-    splits = read_splits(local, config_name)
+    splits = read_splits(local, config_name, cache_dir)
     names = [name for name in splits if name is not None]
     if not names:
         return splits[None]()
