@@ -63,7 +63,7 @@ def test_bench_data_measures_the_data_stage_and_the_train_loading(tmp_path, tiny
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "600 rows" in proc.stdout and "rows/s" in proc.stdout
     (size,) = json.loads(out.read_text())["sizes"]
-    assert size["rows"] == 600 and size["kept"] == 600 - 6 - 1 and size["rows_per_s"] > 0
+    assert size["rows"] == 600 and size["kept"] == 600 - 6 - 1 and size["rows_per_s"] > 0 and size["rows_per_cpu_s"] > 0
     assert size["peak_rss_mb"] > 100 and size["train_load_peak_rss_mb"] > 100 and size["train_load_s"] > 0
 
 

@@ -1,5 +1,6 @@
 """`bench.py data`: the data stage (scripts/prepare_data.py) on generated demo-shaped chat rows of several sizes,
-each in a child process of its own; rows/s (input rows over the stage's own wall time) and the child's peak RSS.
+each in a child process of its own; rows/s (input rows over the stage's own wall time), rows per CPU second (all
+its threads: what a loaded machine does not change much) and the child's peak RSS.
 Then, in another child, the train stage's data loading of what the stage wrote (hpc_finetune.train.data: the rows
 checked, read memory-mapped and put in the form the loss needs, as before the first step): time and peak RSS.
 
@@ -44,13 +45,13 @@ def data_child(data: str, model_json: str, out: str) -> None:
     """One run of the data stage in this process; its own time and peak RSS go to {out}/bench.json."""
     import prepare_data
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     cfg = prepare_data.Config(path=data, model_json=model_json, train_out=f"{out}/train.jsonl",
                               eval_out=f"{out}/eval.jsonl", report_out=f"{out}/report.json",
                               test_out=f"{out}/test.jsonl", max_seq_length=256)
     report = prepare_data.main(cfg)
-    Path(out, "bench.json").write_text(json.dumps({"inner_s": time.perf_counter() - start,
-                                                    "peak_rss_mb": peak_rss_mb(), "kept": report["kept"]}))
+    Path(out, "bench.json").write_text(json.dumps({"inner_s": time.perf_counter() - start, "kept": report["kept"],
+                                                    "cpu_s": time.process_time() - cpu, "peak_rss_mb": peak_rss_mb()}))
 
 
 def train_data_child(out: str, model_json: str) -> None:
@@ -99,6 +100,7 @@ def bench_data(args) -> dict:
         child = json.loads((out / "bench.json").read_text())
         report["sizes"].append({"rows": rows, "wall_s": round(wall, 1), "stage_s": round(child["inner_s"], 1),
                                 "rows_per_s": round(rows / child["inner_s"]), "peak_rss_mb": round(child["peak_rss_mb"]),
+                                "cpu_s": round(child["cpu_s"], 1), "rows_per_cpu_s": round(rows / child["cpu_s"]),
                                 "kept": child["kept"]})
         status, _ = run_child([str(BENCH), "_train_data_child", str(out), str(model_json)], timeout=args.child_timeout)
         if status == 0:
@@ -107,7 +109,8 @@ def bench_data(args) -> dict:
                                     "train_load_peak_rss_mb": round(loading["peak_rss_mb"])}
         write_json(args.out, report)
     write_json(args.out, report)
-    print(table([(f"{s['rows']} rows", s.get("failed") or f"{s['rows_per_s']} rows/s, peak RSS {s['peak_rss_mb']} MB, "
+    print(table([(f"{s['rows']} rows", s.get("failed") or f"{s['rows_per_s']} rows/s ({s['rows_per_cpu_s']} per CPU "
+                  f"second), peak RSS {s['peak_rss_mb']} MB, "
                   f"{s['stage_s']} s; train loading {s.get('train_load_s')} s, peak RSS "
                   f"{s.get('train_load_peak_rss_mb')} MB") for s in report["sizes"]], "data stage (bench.py data)"))
     return report
