@@ -2,8 +2,8 @@
 strip a leading BOS from text rows, drop empty and duplicate rows, measure the tokens as the trainer sees them,
 apply dataset.long_rows, and refuse a part that lost too much. No heavy imports: the tokenizer is passed in.
 
-The rows stream through: they are read, normalised and measured (the fast tokenizer, BATCH rows at a time) as they
-come, and the kept ones go to a file (Kept); what stays in memory per row is a fixed-size digest (for the
+The rows stream through: they are read, normalised and measured (the fast tokenizer, BATCH rows at a time, in a
+thread beside the reading: hpc_finetune.data.tokens) as they come, and the kept ones go to a file (Kept); what stays in memory per row is a fixed-size digest (for the
 duplicate and leak checks), a file offset and a token length, whatever the rows hold.
 """
 

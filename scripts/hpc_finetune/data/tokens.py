@@ -3,8 +3,8 @@ a batch at a time while the next batch is read (Measure).
 
 The lengths are those of `tokenizer.apply_chat_template(messages, tokenize=True)` for chat rows and of
 `tokenizer(text + eos)` for text and prompt + completion rows; they come from the fast tokenizer's own batch encoder
-(`backend_tokenizer.encode_batch_fast`: the same ids, without the offsets and the Python objects per token that
-transformers builds around them), on every core: it releases the GIL and spreads a batch over the cores while
+(`backend_tokenizer.encode_batch`: the same ids, without the Python objects per row and token that transformers
+builds around them; `encode_batch_fast`, which skips the offsets, measured slower here), on every core: it releases the GIL and spreads a batch over the cores while
 Python reads, normalises and renders the next one. Chat rows are rendered by the chat template once per
 conversation shape where it inserts the contents as they are (hpc_finetune.data.chat), else by jinja per row.
 No heavy imports at module level: the tokenizer is passed in.
@@ -26,9 +26,9 @@ def encoder(tokenizer) -> Callable[[list[str], bool], list[int]]:
     split special tokens), else the tokenizer itself."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is None or backend.truncation or backend.padding or getattr(tokenizer, "split_special_tokens", False)
-            or not hasattr(backend, "encode_batch_fast")):
+            or not hasattr(backend, "encode_batch")):
         return lambda texts, special: [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
-    return lambda texts, special: [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
+    return lambda texts, special: [len(e) for e in backend.encode_batch(texts, add_special_tokens=special)]
 
 
 def texts_of(tokenizer, rows: list[dict], fmt: str, model: str, render=None) -> list[str]:
