@@ -5,6 +5,8 @@ batch encoder are those of apply_chat_template(tokenize=True) and tokenizer(text
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hpc_finetune.data.chat import renderer
 from hpc_finetune.data.tokens import Measure, encoder, token_lengths
@@ -84,13 +86,16 @@ def test_token_lengths_are_those_of_apply_chat_template_and_the_tokenizer(tokeni
     assert token_lengths(tokenizer, [{"text": t} for t in texts], "text", "m") == expected
 
 
-def test_batches_come_back_in_order_and_a_template_error_names_the_model(tokenizer):
+def test_batches_come_back_in_order_and_a_template_error_names_the_model(tokenizer, monkeypatch):
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
     measure = Measure(tokenizer, "messages", "the-model")
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # the tokenizer's batches on every core, while measuring
     chats = conversations()
     assert measure.submit("first", [{"messages": c} for c in chats[:3]]) is None
     assert measure.submit("second", [{"messages": c} for c in chats[3:4]])[0] == "first"
     assert measure.finish()[0] == "second" and measure.finish() is None
     measure.close()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # a later fork neither warns nor uses the pool
     refusing = _with(tokenizer, "{% for m in messages %}{% if m['role'] == 'system' %}"
                                 "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
                                 "{% endfor %}")

@@ -62,16 +62,14 @@ def token_lengths(tokenizer, rows: list[dict], fmt: str, model: str, lengths=Non
 @contextlib.contextmanager
 def all_cores() -> Iterator[None]:
     """The fast tokenizer's batches spread over every core for the block (TOKENIZERS_PARALLELISM, read at each call;
-    the workflow sets it false for the processes that fork), then the setting as it was."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    the workflow sets it false for the processes that fork), then the setting as it was, or false where there was
+    none: a process forked later then neither uses the thread pool nor prints the tokenizers' fork warning."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM", "false")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
+        os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 class Measure:
