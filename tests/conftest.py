@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from hpc_finetune.io.files import sha256_file
-from support import container_standin
+from support import container_standin, slurm_cluster
 from support.common import DEMO_DATA, DEMO_SECRET, REPO
 from support.container import (
     CONTAINER_DEMO,
@@ -153,6 +153,21 @@ def container_demo(siftool, tmp_path_factory):
     snakemake(workdir, "--config", *config, path=path, env={"STANDIN_LOG": str(log)}, profile="apptainer")
     return {"workdir": workdir, "image": image, "config": config, "path": path, "wall_s": time.monotonic() - started,
             "calls": container_standin.records(log), "log": log}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The real Slurm cluster on this machine (support/slurm_cluster.py), shared by every test that submits jobs:
+    a skip where it cannot be had, a failure with REQUIRE_SLURM=1 (CI). Run such tests under
+    `flock /work/slurm.lock`."""
+    try:
+        running = slurm_cluster.start()
+    except slurm_cluster.Unavailable as err:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but no Slurm cluster: {err}")
+        pytest.skip(f"no Slurm cluster: {err}")
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from hpc_finetune.container import sif as sif_check
 from hpc_finetune.workflow import container as workflow_container
-from hpc_finetune.workflow.config import resolve_config
-from support.common import REPO
+from hpc_finetune.workflow.config import ConfigError, resolve_config
+from support.common import REPO, SNAKEMAKE
 from support.container import CONTAINER_DEMO, DEF, SECRET, project, sections, snakemake
 from tools import lock
 
@@ -77,6 +79,19 @@ def test_the_def_and_the_cpu_image_share_one_recipe():
     assert "/opt/venv/bin/python /opt/finetune/image_env.py selftest" in sec["test"]
 
 
+def test_a_missing_ch_run_or_user_stops_the_workflow_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config({"run_name": "demo", "container__runtime": "charliecloud", "container__source": "build"})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"'ch-run' is not on PATH .*module load charliecloud"):
+        workflow_container.check_container(cfg)
+    (tmp_path / "ch-run").write_text("#!/bin/sh\n")
+    (tmp_path / "ch-run").chmod(0o755)
+    monkeypatch.delenv("USER", raising=False)
+    with pytest.raises(ConfigError, match=r"ch-run needs \$USER set"):
+        workflow_container.check_container(cfg)
+
+
 def test_the_cpu_image_is_a_real_sif_with_a_squashfs_holding_exactly_the_lock(ch_demo):
     image = ch_demo["image"]
     offset, size = sif_check.partition(image["sif"])
@@ -133,3 +148,26 @@ def test_the_metrics_equal_the_host_runs(ch_demo, container_demo):
     assert inside == pytest.approx(host, rel=1e-5)
     print(f"\nshort demo wall time: in the container {ch_demo['wall_s']:.0f} s (image cached), "
           f"on the host through the stand-in {container_demo['wall_s']:.0f} s")
+
+
+def test_a_stage_runs_in_the_container_as_a_job_of_the_real_slurm_cluster(ch_demo, cluster):
+    """Last in this module (it re-makes the data of the demo above): prepare_data again, as a Slurm job through
+    profiles/slurm; the job runs ch-run on the node and makes the same data. Under `flock /work/slurm.lock`."""
+    workdir = ch_demo["workdir"]
+    data = workdir / "results" / "demo" / "data"
+    before = {p.name: p.read_bytes() for p in data.glob("*.jsonl")}
+    (data / "train.jsonl").unlink()
+    cmd = [*SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"), "--slurm-status-command", "squeue",
+           "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3",
+           "--until", "prepare_data", "--config", *CHARLIECLOUD]
+    env = os.environ | {"USER": os.environ.get("USER") or "root", "HF_TOKEN": SECRET,
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["timeout", "900", *cmd], cwd=workdir, env=env, capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-6000:]
+    jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_prepare_data/\d+\.log)\)", text)
+    assert len(jobs) == 1, text[-4000:]
+    job_log = Path(jobs[0][1])
+    job_log = job_log if job_log.is_absolute() else workdir / job_log
+    assert "ch-run --set-env=" in job_log.read_text() and "finetune.sif.sqfs -- python" in job_log.read_text()
+    assert {p.name: p.read_bytes() for p in data.glob("*.jsonl")} == before

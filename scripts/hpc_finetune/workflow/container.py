@@ -37,7 +37,7 @@ def check_container(cfg: dict) -> None:
     program = RUNTIME_PROGRAMS.get(runtime, runtime)
     if shutil.which(program) is None:
         raise ConfigError(
-            f"config key container.runtime: {runtime!r} ({program}) is not on PATH on this machine. Load it "
+            f"config key container.runtime: {program!r} is not on PATH on this machine. Load it "
             f"(`module load {runtime}`) or install it, or set container.runtime=none to run the stages on the host"
         )
     if runtime == "charliecloud" and not os.environ.get("USER"):
