@@ -43,7 +43,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def ch_demo(cpu_image, tmp_path_factory):
+def ch_demo(container_demo, cpu_image, tmp_path_factory):
+    """The short demo with runtime charliecloud, after the host run it is compared with (container_demo)."""
     root = tmp_path_factory.mktemp("charliecloud-demo")
     workdir = project(root)
     outside = root / "outside-the-binds.txt"
@@ -141,7 +142,7 @@ def losses(run: Path) -> dict:
             **{f"evaluate.{k}": v for k, v in evaluate.items() if "loss" in k and isinstance(v, float)}}
 
 
-def test_the_metrics_equal_the_host_runs(ch_demo, container_demo):
+def test_the_metrics_equal_the_host_runs(container_demo, ch_demo):
     inside = losses(ch_demo["workdir"] / "results" / "demo")
     host = losses(container_demo["workdir"] / "results" / "demo")
     assert inside and inside.keys() == host.keys()
@@ -150,24 +151,24 @@ def test_the_metrics_equal_the_host_runs(ch_demo, container_demo):
           f"on the host through the stand-in {container_demo['wall_s']:.0f} s")
 
 
-def test_a_stage_runs_in_the_container_as_a_job_of_the_real_slurm_cluster(ch_demo, cluster):
-    """Last in this module (it re-makes the data of the demo above): prepare_data again, as a Slurm job through
-    profiles/slurm; the job runs ch-run on the node and makes the same data. Under `flock /work/slurm.lock`."""
-    workdir = ch_demo["workdir"]
-    data = workdir / "results" / "demo" / "data"
-    before = {p.name: p.read_bytes() for p in data.glob("*.jsonl")}
-    (data / "train.jsonl").unlink()
+def test_stages_run_in_the_container_as_jobs_of_the_real_slurm_cluster(cpu_image, cluster, tmp_path):
+    """A fresh project through profiles/slurm up to the data: the demo model's build and prepare_data are Slurm
+    jobs that run ch-run on the node (the container stage is a local rule: it links the cached image). Run under
+    `flock /work/slurm.lock`."""
+    workdir = project(tmp_path)
     cmd = [*SNAKEMAKE, "--profile", str(REPO / "profiles" / "slurm"), "--slurm-status-command", "squeue",
            "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "3",
            "--until", "prepare_data", "--config", *CHARLIECLOUD]
     env = os.environ | {"USER": os.environ.get("USER") or "root", "HF_TOKEN": SECRET,
                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["timeout", "900", *cmd], cwd=workdir, env=env, capture_output=True, text=True)
+    result = subprocess.run(["timeout", "1200", *cmd], cwd=workdir, env=env, capture_output=True, text=True)
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-6000:]
-    jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_prepare_data/\d+\.log)\)", text)
-    assert len(jobs) == 1, text[-4000:]
-    job_log = Path(jobs[0][1])
-    job_log = job_log if job_log.is_absolute() else workdir / job_log
-    assert "ch-run --set-env=" in job_log.read_text() and "finetune.sif.sqfs -- python" in job_log.read_text()
-    assert {p.name: p.read_bytes() for p in data.glob("*.jsonl")} == before
+    jobs = dict((rule, Path(log)) for log, rule in re.findall(
+        r"submitted with SLURM jobid \d+ \(log: (\S+/rule_(\w+)/\d+\.log)\)", text))
+    assert {"build_demo_model", "prepare_data"} <= jobs.keys(), text[-4000:]
+    for rule in ("build_demo_model", "prepare_data"):
+        log = jobs[rule] if jobs[rule].is_absolute() else workdir / jobs[rule]
+        ran = log.read_text()  # the job's own Snakemake: the rule's resources (in_image) or its shell command
+        assert "ch-run" in ran and "finetune.sif.sqfs" in ran, (rule, ran[-3000:])
+    assert (workdir / "results" / "demo" / "data" / "train.jsonl").stat().st_size > 0

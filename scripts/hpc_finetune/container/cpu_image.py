@@ -138,7 +138,8 @@ def build(repo: Path = REPO_DIR, root: Path | None = None) -> dict:
                     path.unlink()
         t = time.monotonic()
         squashfs = out / "finetune.sqfs"
-        run(["mksquashfs", str(rootfs), str(squashfs), "-comp", "zstd", "-noappend", "-quiet", "-no-progress"],
+        run(["mksquashfs", str(rootfs), str(squashfs), "-comp", "zstd", "-Xcompression-level", "3", "-noappend",
+             "-quiet", "-no-progress"],  # level 3, not the default 15: see README, Container
             "mksquashfs")
         sif = out / "finetune.sif"
         run(["siftool", "new", str(sif)], "siftool new")
