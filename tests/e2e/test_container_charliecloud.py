@@ -117,7 +117,7 @@ def test_the_stages_ran_in_the_images_python(ch_demo):
     assert ran == IN_IMAGE_STAGES, "\n".join(shell[-60:])
     record = json.loads((workdir / "resources" / "container" / "finetune.sif.json").read_text())
     assert record["build_mode"] == "debootstrap+ch-run" and record["sha256"] == ch_demo["image"]["sha256"]
-    assert Path(record["squashfs"]).is_file()
+    assert (workdir / record["squashfs"]).is_file()
 
 
 def test_only_the_binds_and_the_token_reach_the_image(ch_demo):
