@@ -139,7 +139,7 @@ def build(repo: Path = REPO_DIR, root: Path | None = None) -> dict:
         t = time.monotonic()
         squashfs = out / "finetune.sqfs"
         run(["mksquashfs", str(rootfs), str(squashfs), "-comp", "zstd", "-Xcompression-level", "3", "-noappend",
-             "-quiet", "-no-progress"],  # level 3, not the default 15: see README, Container
+             "-quiet", "-no-progress"],  # level 3: 70 s, level 15 (the default): 1261 s (README, Container)
             "mksquashfs")
         sif = out / "finetune.sif"
         run(["siftool", "new", str(sif)], "siftool new")
