@@ -53,13 +53,12 @@ def ch_demo(cpu_image, tmp_path_factory):
     started = time.monotonic()
     result = snakemake(workdir, "--config", *CHARLIECLOUD, env=env)
     wall = time.monotonic() - started
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the prefix as the workflow made it: in the project, token set
+        mp.chdir(workdir)
+        mp.setenv("HF_TOKEN", SECRET)
         cfg = resolve_config({"run_name": "demo", **dict(c.split("=", 1) for c in CHARLIECLOUD)})
         prefix = workflow_container.container_prefix(cfg)
-    finally:
-        os.chdir(cwd)
+    assert f"{prefix}python " in result.stdout + result.stderr  # the very prefix the stages ran under
     looks = [str(outside), str(root), str(REPO.parent), str(workdir / "config.yaml")]
     probe = subprocess.run([*shlex.split(prefix), "python", "-c", PROBE, SECRET, *looks],
                            cwd=workdir, capture_output=True, text=True,
