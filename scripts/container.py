@@ -7,7 +7,11 @@ Sources (config `container.source`):
   pull   oras:// docker:// library:// through `<runtime> pull`; https:// http:// s3:// file:// by download
          (S3 with SigV4 against any S3-protocol endpoint); check the sha256;
   build  `<runtime> build` from singularity/finetune.def: --fakeroot, then the other modes allowed, with a
-         message that says what the site must allow when none works.
+         message that says what the site must allow when none works. Runtime charliecloud: the CPU image of the
+         same recipe from Debian packages (hpc_finetune.container.cpu_image; cached by the recipe's hash).
+
+Runtime charliecloud also gets the image's root file system as SquashFS next to it (<output>.sqfs): ch-run
+mounts SquashFS, not SIF.
 
 Every image is checked the same way before it is published at --output: the SIF global header (magic, and that
 the file holds every byte the header promises: a truncated download is refused) and the sha256. The record
@@ -21,7 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_finetune.container.sources import from_build, from_lfs, from_path, from_pull
+from hpc_finetune.container.sif import extract_squashfs
+from hpc_finetune.container.sources import from_build, from_cpu_build, from_lfs, from_path, from_pull
 from hpc_finetune.io.cli import StageError, cli, log, table
 from hpc_finetune.io.files import write_json
 from hpc_finetune.io.schema import option
@@ -32,7 +37,8 @@ class Config:
     source: str = option("container.source")
     output: str = field(default="", metadata={"help": "where to publish the verified image (container.image)"})
     record_out: str = field(default="", metadata={"help": "the record of its origin and sha256 (JSON)"})
-    runtime: str = field(default="apptainer", metadata={"help": "apptainer or singularity (container.runtime)"})
+    runtime: str = field(default="apptainer",
+                         metadata={"help": "apptainer, singularity or charliecloud (container.runtime)"})
     path: str | None = option("container.path")
     sha256: str | None = option("container.sha256")
     url: str | None = option("container.url")
@@ -61,9 +67,11 @@ def main(cfg: Config) -> dict:
         if cfg.source == "path":
             info = from_path(cfg, output)
         elif cfg.source == "build":
-            info = from_build(cfg, output)
+            info = from_cpu_build(cfg, output) if cfg.runtime == "charliecloud" else from_build(cfg, output)
         else:
             info = sources[cfg.source](cfg, output, Path(w))
+    if cfg.runtime == "charliecloud":
+        info.update(extract_squashfs(output, Path(f"{output}.sqfs")))
     record = {"source": cfg.source, "image": str(output), **info}
     if cfg.source == "lfs":
         record["pin"] = cfg.pin or cfg.lfs_revision

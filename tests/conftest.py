@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from support import container_standin
+from hpc_finetune.io.files import sha256_file
+from support import container_standin, slurm_cluster
 from support.common import DEMO_DATA, DEMO_SECRET, REPO
-from support.container import PartsRepo, require_siftool
+from support.container import (
+    CONTAINER_DEMO,
+    PartsRepo,
+    project,
+    require_charliecloud,
+    require_siftool,
+    snakemake,
+)
 from support.cpu_features import simulate_cpu_without_avx512_bf16
 from support.data import Run
 from support.hub import Hub
@@ -123,6 +133,51 @@ def standin(siftool, tmp_path, monkeypatch) -> Path:
     log = tmp_path / "standin.jsonl"
     monkeypatch.setenv("STANDIN_LOG", str(log))
     return log
+
+
+@pytest.fixture(scope="session")
+def container_demo(siftool, tmp_path_factory):
+    """The short demo with profiles/apptainer (container on), every stage that needs the stack run through the
+    STAND-IN runtime (on the host): the container seam's command lines, and the host run the Charliecloud run's
+    metrics are compared with."""
+    root = tmp_path_factory.mktemp("container-demo")
+    workdir = project(root)
+    image = container_standin.make_sif(root / "images" / "finetune.sif")
+    bindir = root / "standin-bin"
+    container_standin.install(bindir)
+    log = root / "standin.jsonl"
+    path = f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    config = ["container__source=path", *CONTAINER_DEMO, f"container__path={image}",
+              f"container__sha256={sha256_file(image)}"]
+    started = time.monotonic()
+    snakemake(workdir, "--config", *config, path=path, env={"STANDIN_LOG": str(log)}, profile="apptainer")
+    return {"workdir": workdir, "image": image, "config": config, "path": path, "wall_s": time.monotonic() - started,
+            "calls": container_standin.records(log), "log": log}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The real Slurm cluster on this machine (support/slurm_cluster.py), shared by every test that submits jobs:
+    a skip where it cannot be had, a failure with REQUIRE_SLURM=1 (CI). Run such tests under
+    `flock /work/slurm.lock`."""
+    try:
+        running = slurm_cluster.start()
+    except slurm_cluster.Unavailable as err:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but no Slurm cluster: {err}")
+        pytest.skip(f"no Slurm cluster: {err}")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> dict:
+    """The CPU image of the recipe (debootstrap, the lock's wheels, SquashFS in a SIF), built once per recipe hash
+    and cached under ~/.cache/hpc-finetune/images (hpc_finetune.container.cpu_image): its record."""
+    require_charliecloud()
+    from hpc_finetune.container import cpu_image as builder
+
+    return builder.build()
 
 
 # --- the data stage's tests --------------------------------------------------------------------------------

@@ -4,15 +4,16 @@ http:// and from an S3-protocol server (moto) on loopback), and the seam that ru
 
 Apptainer cannot be installed here. Everything that would call it goes to a STAND-IN on PATH
 (tests/support/container_standin.py) that records its arguments and environment and runs the inner command on the host.
-These tests check the command lines, environment and binds the workflow gives the runtime; no container runs.
+These tests check the command lines, environment and binds the workflow gives the runtime; the stages run in a real
+container (Charliecloud, the CPU image of the same recipe) in tests/e2e/test_container_charliecloud.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import runpy
 import subprocess
-import sys
 
 import container
 import pytest
@@ -23,40 +24,58 @@ from hpc_finetune.io.files import sha256_file
 from hpc_finetune.workflow import container as workflow_container
 from hpc_finetune.workflow.config import resolve_config
 from support import container_standin
+from support.common import REPO
 from support.container import DEF, git, sections, stage
 from tools import lock
 
 # --- the definition file --------------------------------------------------------------------------------------
 
 
-def test_the_def_installs_exactly_the_lock():
-    """One source of truth: the def copies requirements.lock into the image and installs it hash-checked and with
-    nothing more; no package version is written in the def itself (torch's is read from the lock)."""
+IMAGE_ENV = runpy.run_path(str(REPO / "singularity" / "image_env.py"))
+
+
+def test_the_def_installs_exactly_the_lock_through_the_shared_recipe():
+    """One source of truth: the def copies requirements.lock and the recipe (image_env.py, os-packages.txt) into
+    the image and runs it; the recipe installs the lock hash-checked and with nothing more; no package version and
+    no package list is written in the def itself (torch's version is read from the lock)."""
     text = DEF.read_text()
     sec = sections(text)
     files = [line.split() for line in sec["files"].splitlines() if line.strip()]
     assert ["requirements.lock", "/opt/finetune/requirements.lock"] in files
-    post = sec["post"]
-    assert re.search(r"pip install [^\n]*--require-hashes --no-deps -r /opt/finetune/without-torch\.lock", post)
-    assert "grep -oE '^torch==[0-9.]+' /opt/finetune/requirements.lock" in post
-    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert not re.findall(r"\b[A-Za-z][\w.-]*==\d", code), "a version pinned in the def instead of the lock"
-    # the build fails when what pip installed differs from the lock
-    assert "installed versions differ from requirements.lock" in post
-    # every package of the stack that the stages import is imported by %test
-    wanted = lock.locked()
+    assert "python3 /opt/finetune/image_env.py install --torch-index {{ TORCH_INDEX }}" in sec["post"]
+    recipe = (REPO / "singularity" / "image_env.py").read_text()
+    assert re.search(r'"--require-hashes", "--no-deps", "-r"', recipe) and '"check"' in recipe
+    for code in (text, recipe):
+        code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("#"))
+        assert not re.findall(r"\b[A-Za-z][\w.-]*==\d", code), "a version pinned in the recipe instead of the lock"
+    assert IMAGE_ENV["locked"](lock.LOCK) == lock.locked()
+    # every package of the stack that the stages import is imported by the self check (%test)
     for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors"):
-        assert name in wanted and re.search(rf"\b{name}\b", sec["test"]), name
+        assert name in lock.locked() and name in IMAGE_ENV["STACK"], name
+    assert "/opt/venv/bin/python /opt/finetune/image_env.py selftest" in sec["test"]
 
 
-def test_the_def_drops_exactly_torchs_entry_from_the_lock(tmp_path):
-    """The filter the def runs (its first inline program) keeps every other entry with all its hashes."""
-    program = re.search(r"without-torch\.lock <<'EOF'\n(.*?)\nEOF", sections(DEF.read_text())["post"], re.S).group(1)
+def test_the_recipe_drops_exactly_torchs_entry_for_the_cuda_build_and_fails_on_any_difference(tmp_path):
     out = tmp_path / "without-torch.lock"
-    subprocess.run([sys.executable, "-c", program, str(lock.LOCK), str(out)], check=True)
+    IMAGE_ENV["without"](lock.LOCK, "torch", out)
     kept, hashes = lock.locked(out), lock.hashes(out)
     assert "torch" not in kept and kept == {n: v for n, v in lock.locked().items() if n != "torch"}
     assert hashes == {n: h for n, h in lock.hashes().items() if n != "torch"}
+    want = {"torch": "2.13.0+cpu", "peft": "0.21.2", "trl": "1.16.0"}
+    differences = IMAGE_ENV["differences"]
+    assert differences({"torch": "2.13.0+cu128", "peft": "0.21.2", "trl": "1.16.0", "pip": "26.3"}, want) == []
+    assert differences({"torch": "2.12.0+cu128", "peft": "0.21.2", "trl": "1.16.0"}, want) == [
+        "torch 2.12.0+cu128 != 2.13.0+cpu"]
+    assert differences({"torch": "2.13.0+cpu", "peft": "0.21.1", "rich": "1"}, want) == [
+        "peft 0.21.1 != 0.21.2", "rich 1 is installed but not in the lock", "trl missing != 1.16.0"]
+
+
+def test_the_cpu_image_gets_the_os_packages_the_def_gets_less_the_cuda_ones():
+    from hpc_finetune.container.cpu_image import os_packages
+
+    assert os_packages() == ["python3", "python3-venv", "ca-certificates"]
+    assert set(os_packages()) < set(os_packages(cuda=True)) and "build-essential" in os_packages(cuda=True)
+    assert "/opt/finetune/os-packages.txt" in sections(DEF.read_text())["post"]
 
 
 def test_the_def_pins_its_base_and_sets_writable_caches_labels_test_and_runscript():
@@ -68,7 +87,7 @@ def test_the_def_pins_its_base_and_sets_writable_caches_labels_test_and_runscrip
         assert re.search(rf"export {var}=\$\{{{var}:-/scratch/", sec["environment"]), var
     assert "{{ PROJECT_COMMIT }}" in sec["labels"] and "PROJECT_COMMIT=" in sec["arguments"]
     assert "finetune.version." in sec["post"]  # installed versions become labels
-    assert "torch.cuda.is_available()" in sec["test"] and "import torch" in sec["test"]
+    assert "torch.cuda.is_available()" in (REPO / "singularity" / "image_env.py").read_text()  # %test's check
     assert 'exec "$@"' in sec["runscript"]
 
 
@@ -178,3 +197,15 @@ def test_a_moved_lfs_revision_is_noticed_only_when_an_update_is_asked_for(sif, p
     newer = container_standin.make_sif(tmp_path / "newer.sif", payload=b"a newer image\n" * 3000)
     moved = parts_repo.publish(newer)
     assert moved != first and workflow_container.lfs_pin(cfg) == moved  # the remote moved: the container rule's param changes
+
+
+def test_the_squashfs_partition_is_extracted_for_charliecloud_and_anything_else_refused(siftool, tmp_path):
+    payload = b"hsqs" + bytes(range(256)) * 300
+    image = container_standin.make_sif(tmp_path / "fs.sif", payload=payload)
+    offset, size = sif_check.partition(image)
+    info = sif_check.extract_squashfs(image, tmp_path / "fs.sqfs")
+    assert (tmp_path / "fs.sqfs").read_bytes() == payload and info["squashfs_size"] == size == len(payload)
+    assert image.read_bytes()[offset:offset + 4] == b"hsqs"
+    with pytest.raises(StageError, match="not SquashFS"):
+        sif_check.extract_squashfs(container_standin.make_sif(tmp_path / "x.sif"), tmp_path / "x.sqfs")
+    assert not (tmp_path / "x.sqfs").exists() and not list(tmp_path.glob(".x.sqfs*"))

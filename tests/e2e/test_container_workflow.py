@@ -1,41 +1,25 @@
 """The container seam through the workflow: checks at parse time, the demo with every stack stage run through the
-stand-in runtime (nv, cleanenv, binds, the token only in the environment), what a new image re-runs, and the lfs
-and build sources as the workflow drives them."""
+stand-in runtime (nv, cleanenv, binds, the token only in the environment; the `container_demo` fixture in
+conftest.py), what a new image re-runs, and the lfs and build sources as the workflow drives them."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from hpc_finetune.io.files import sha256_file
 from hpc_finetune.workflow import container as workflow_container
 from hpc_finetune.workflow.config import ConfigError, resolve_config
 from support import container_standin
 from support.common import REPO
-from support.container import DEF, SECRET, git
-from support.workflow import planned_jobs, run_workflow
-
-
-def snakemake(workdir: Path, *args: str, path: str | None = None, check: bool = True,
-              env: dict | None = None, profile: str = "local") -> subprocess.CompletedProcess:
-    return run_workflow(workdir, *args, profile=profile, env={"HF_TOKEN": SECRET} | (env or {}), path=path,
-                        check=check)
-
-
-def project(tmp_path: Path) -> Path:
-    workdir = tmp_path / "project"
-    workdir.mkdir()
-    (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
-    (workdir / "data").symlink_to(REPO / "data")
-    return workdir
-
+from support.container import DEF, SECRET, git, project, snakemake
+from support.workflow import planned_jobs
 
 # --- the workflow: checks at parse time, the demo through the stand-in, what a new image re-runs -----------------
 
@@ -67,31 +51,19 @@ def test_the_seam_is_empty_for_runtime_none_and_one_command_otherwise(tmp_path, 
     assert prefix.startswith("singularity exec --cleanenv --bind ") and "--nv" not in prefix
     assert ";" not in prefix and "&&" not in prefix  # `exec {prefix}python ...` must stay one command
     assert workflow_container.container_environment(cfg, {"HF_TOKEN": "t"}) == {"SINGULARITYENV_HF_TOKEN": "t"}
+    monkeypatch.setenv("HF_TOKEN", "hf_secretValue")
+    cfg = resolve_config({"run_name": "demo", "container__runtime": "charliecloud"})
+    args = shlex.split(workflow_container.container_prefix(cfg))
+    assert args[0] == "ch-run" and args[-2:] == [str(tmp_path / "resources/container/finetune.sif.sqfs"), "--"]
+    assert "--set-env=CHENV_HF_TOKEN=$HF_TOKEN" in args and "--set-env=HF_TOKEN=$CHENV_HF_TOKEN" in args
+    assert "--unset-env=[!C]*" in args and "--unset-env=CHENV_*" in args and "hf_secretValue" not in str(args)
+    root = "/" + tmp_path.parts[1]  # the root's skeleton first, then the project at its own path
+    skeleton = f"{tmp_path}/resources/container/scratch/mounts{root}:{root}"
+    assert args.index(skeleton) < args.index(f"{tmp_path}:{tmp_path}")
+    assert workflow_container.container_environment(cfg, {"HF_TOKEN": "t"}) == {}  # ch-run copies it itself
 
 
-CONTAINER_DEMO = [  # with profiles/apptainer, which switches the container on
-    "container__source=path",
-    "training__max_steps=3", "training__eval_steps=3", "training__save_steps=3", "training__logging_steps=1",
-    "dataset__max_samples=24", "evaluate__num_samples=2", "evaluate__max_new_tokens=8", "merge__check_samples=1",
-]
 IN_IMAGE_STAGES = {"build_demo_model", "prepare_data", "preflight", "train", "merge", "evaluate"}
-
-
-@pytest.fixture(scope="module")
-def container_demo(siftool, tmp_path_factory):
-    """The demo with profiles/apptainer (container on), every stage that needs the stack run through the STAND-IN
-    runtime (on the host)."""
-    root = tmp_path_factory.mktemp("container-demo")
-    workdir = project(root)
-    image = container_standin.make_sif(root / "images" / "finetune.sif")
-    bindir = root / "standin-bin"
-    container_standin.install(bindir)
-    log = root / "standin.jsonl"
-    path = f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    config = [*CONTAINER_DEMO, f"container__path={image}", f"container__sha256={sha256_file(image)}"]
-    snakemake(workdir, "--config", *config, path=path, env={"STANDIN_LOG": str(log)}, profile="apptainer")
-    return {"workdir": workdir, "image": image, "config": config, "path": path,
-            "calls": container_standin.records(log), "log": log}
 
 
 def stage_of(call: dict) -> str:

@@ -41,18 +41,6 @@ DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resource
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/\d+\.log)\)")
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    try:
-        running = slurm_cluster.start()
-    except slurm_cluster.Unavailable as err:
-        if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail(f"REQUIRE_SLURM=1 but no Slurm cluster: {err}")
-        pytest.skip(f"no Slurm cluster: {err}")
-    yield running
-    running.stop()
-
-
 @dataclass
 class Run:
     workdir: Path

@@ -1,5 +1,6 @@
 """What the container tests share: Debian's siftool, a real SIF made with it, the container stage run in-process,
-a git-lfs repository on file:// that holds an image as parts, and the stand-in runtime first on PATH."""
+a git-lfs repository on file:// that holds an image as parts, the stand-in runtime first on PATH, Charliecloud and
+the builders of the CPU image, and the workflow run in a project directory with the container on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import container
 import pytest
 
 from support.common import REPO
+from support.workflow import run_workflow
 
 SIFTOOL = shutil.which("siftool")
 SECRET = "hf_containerTestTokenNeverInArgv0123456"
@@ -30,6 +32,41 @@ def require_siftool() -> None:
         if os.environ.get("REQUIRE_SIFTOOL") == "1":
             pytest.fail(f"REQUIRE_SIFTOOL=1 but siftool is not on PATH: {message}")
         pytest.skip(message)
+
+
+def require_charliecloud() -> None:
+    """Skip where Charliecloud's ch-run or a builder of the CPU image is missing; with REQUIRE_CHARLIECLOUD=1 (CI,
+    which installs them) fail instead."""
+    from hpc_finetune.container.cpu_image import TOOLS
+
+    missing = [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        message = "needs " + ", ".join(missing) + ": apt-get install them"
+        if os.environ.get("REQUIRE_CHARLIECLOUD") == "1":
+            pytest.fail(f"REQUIRE_CHARLIECLOUD=1 but {message}")
+        pytest.skip(message)
+
+
+CONTAINER_DEMO = [  # a short demo, the same inside (charliecloud) and through the stand-in (on the host)
+    "training__max_steps=3", "training__eval_steps=3", "training__save_steps=3", "training__logging_steps=1",
+    "dataset__max_samples=24", "evaluate__num_samples=2", "evaluate__max_new_tokens=8", "merge__check_samples=1",
+]
+
+
+def project(tmp_path: Path) -> Path:
+    """A project directory as a user has it (config.yaml, data/)."""
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (workdir / "data").symlink_to(REPO / "data")
+    return workdir
+
+
+def snakemake(workdir: Path, *args: str, path: str | None = None, check: bool = True,
+              env: dict | None = None, profile: str = "local") -> subprocess.CompletedProcess:
+    """The workflow in workdir with the hub token in its environment (it must reach the image only that way)."""
+    return run_workflow(workdir, *args, profile=profile, env={"HF_TOKEN": SECRET} | (env or {}), path=path,
+                        check=check)
 
 
 def sections(text: str) -> dict[str, str]:

@@ -5,7 +5,7 @@ CUDA_VISIBLE_DEVICES, torch sees no GPU, and the demo trains on the CPU).
 Needs root (packages, /etc/slurm, daemons). `stop()` puts back the configuration files it found (none, usually):
 a slurm.conf left behind makes every later `snakemake` start on this machine wait for the executor plugin's probe
 of a controller that is gone (~10 s). `start()` raises `Unavailable` with the reason when the cluster cannot be
-had; the fixture in test_slurm.py turns that into a skip, or into a failure when REQUIRE_SLURM=1 (CI).
+had; the `cluster` fixture (tests/conftest.py) turns that into a skip, or into a failure when REQUIRE_SLURM=1 (CI).
 The recipe and its pitfalls: ../shared/NOTES.md, "A real Slurm cluster on one machine".
 """
 

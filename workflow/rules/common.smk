@@ -33,13 +33,14 @@ from snakemake.exceptions import WorkflowError
 from hpc_finetune.workflow.dataset import dataset_input
 from hpc_finetune.workflow.container import (
     check_container,
+    container_build_inputs,
     container_definition,
     container_environment,
     container_identity,
     container_image,
     container_on,
     container_prefix,
-    container_scratch,
+    prepare_scratch,
     project_commit,
 )
 from hpc_finetune.workflow.paths import (
@@ -103,7 +104,7 @@ if container_on(config):
         check_container(config)
     except ConfigError as err:
         sys.exit(f"Container not usable (fix it before anything is submitted):\n{err}")
-    (container_scratch(config) / "cache").mkdir(parents=True, exist_ok=True)
+    prepare_scratch(config)
     os.environ.update(container_environment(config, os.environ))
 
 # The seam, used by every rule that runs the stack (build_demo_model, prepare_data, preflight, train, merge,

@@ -16,14 +16,7 @@ CONTAINER_HOW = stage_args(
 
 rule container_image:
     input:
-        build=(
-            [
-                container_definition(config),
-                f"{workflow.basedir}/requirements.lock",
-            ]
-            if CONTAINER["source"] == "build"
-            else []
-        ),
+        build=container_build_inputs(config) if CONTAINER["source"] == "build" else [],
         script=script("container"),
         code=code_inputs("container"),
     output:

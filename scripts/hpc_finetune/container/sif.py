@@ -87,3 +87,45 @@ def publish(tmp: Path, output: Path, sha256: str | None, what: str) -> dict:
     os.chmod(tmp, 0o755)
     os.replace(tmp, output)
     return info
+
+
+# A SIF descriptor as the format packs it (little-endian, no padding): datatype int32, used bool, id, group id,
+# linked id uint32, offset, size, size with padding, ctime, mtime, uid, gid int64, name 128 B, extra 384 B.
+DESCRIPTOR = struct.Struct("<i?IIIqqqqqqq128s384s")
+DATA_PARTITION = 0x4004
+
+
+def partition(path: str | os.PathLike) -> tuple[int, int]:
+    """(offset, size) of the image's first filesystem partition (the SquashFS root file system)."""
+    sif_header(path)
+    with open(path, "rb") as fh:
+        _free, _total, desc_off, desc_len = struct.unpack_from("<qqqq", fh.read(HEADER_SIZE), 80)
+        fh.seek(desc_off)
+        table_ = fh.read(desc_len)
+    for start in range(0, len(table_) - DESCRIPTOR.size + 1, DESCRIPTOR.size):
+        dtype, used, _id, _group, _link, offset, size, *_ = DESCRIPTOR.unpack_from(table_, start)
+        if used and dtype == DATA_PARTITION:
+            return offset, size
+    raise StageError(f"image {path} holds no file system partition")
+
+
+def extract_squashfs(sif: str | os.PathLike, out: Path) -> dict:
+    """Write the SIF's root file system (SquashFS) to `out`, for runtimes that mount a SquashFS file rather than
+    a SIF (Charliecloud's ch-run); published at `out` only when it is complete and is a SquashFS."""
+    offset, size = partition(sif)
+    tmp = out.parent / f".{out.name}.extracting"
+    with open(sif, "rb") as src, open(tmp, "wb") as dst:
+        src.seek(offset)
+        left = size
+        while left:
+            chunk = src.read(min(left, 1 << 22))
+            if not chunk:
+                raise StageError(f"image {sif} is truncated inside its file system partition")
+            dst.write(chunk)
+            left -= len(chunk)
+    with open(tmp, "rb") as fh:
+        if fh.read(4) != b"hsqs":
+            tmp.unlink()
+            raise StageError(f"image {sif}: its file system partition is not SquashFS (Charliecloud needs SquashFS)")
+    os.replace(tmp, out)
+    return {"squashfs": str(out), "squashfs_size": size}

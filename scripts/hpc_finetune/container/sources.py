@@ -142,6 +142,9 @@ def from_pull(cfg: Any, output: Path, work: Path) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp.unlink(missing_ok=True)
     if scheme in REGISTRY_SCHEMES:
+        if cfg.runtime == "charliecloud":
+            raise StageError(f"container.url {cfg.url}: registry pulls go through Apptainer; with runtime charliecloud "
+                             "download the SIF (https://, s3://, file://) or use source path or build")
         run([cfg.runtime, "pull", "--force", str(tmp), cfg.url], f"{cfg.runtime} pull {cfg.url}")
     elif scheme in DOWNLOAD_SCHEMES:
         if expected is None:  # a digest published next to the image
@@ -197,3 +200,16 @@ def from_build(cfg: Any, output: Path) -> dict:
         + f"\nThe site must allow one of:\n{needs}\n"
         "or build the image elsewhere and use container.source path or pull (README, Container)."
     )
+
+
+def from_cpu_build(cfg: Any, output: Path) -> dict:
+    """Runtime charliecloud: the CPU image of the recipe (hpc_finetune.container.cpu_image), built or cached."""
+    from hpc_finetune.container import cpu_image
+
+    built = cpu_image.build()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)
+    output.symlink_to(built["sif"])
+    info = verify(output, built["sha256"], f"CPU image {built['key']}")
+    return {**info, "path": built["sif"], "recipe": built["key"], "build_mode": "debootstrap+ch-run",
+            "project_commit": cfg.project_commit}

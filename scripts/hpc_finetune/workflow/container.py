@@ -1,7 +1,8 @@
 """The seam between the stages and the container image: whether the runtime is on, what the image is (its
 identity, which re-runs the container stage) and where it is, the command prefix that runs a stage inside it
-(`apptainer exec --nv --cleanenv --bind ... <sif> `), the secrets handed in through the environment, and the
-workflow's commit for the image's labels. Rules put {IN_IMAGE} (rules/common.smk) before `python`.
+(`apptainer exec --nv --cleanenv --bind ... <sif> `, or Charliecloud's `ch-run ... <squashfs> -- `), the secrets
+handed in through the environment, and the workflow's commit for the image's labels. Rules put {IN_IMAGE}
+(rules/common.smk) before `python`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import shlex
 import shutil
 from pathlib import Path
 
+from hpc_finetune.container.cpu_image import RECIPE
 from hpc_finetune.git import GitError, git
 from hpc_finetune.workflow.config import ConfigError
 
 REPO_DIR = Path(__file__).resolve().parents[3]
 
+RUNTIME_PROGRAMS = {"charliecloud": "ch-run"}
 SECRETS_TO_IMAGE = ("HF_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                     "MLFLOW_TRACKING_TOKEN")  # passed through the environment, never on a command line
 
@@ -31,11 +34,14 @@ def check_container(cfg: dict) -> None:
     job is submitted, with the fix."""
     c = cfg["container"]
     runtime = c["runtime"]
-    if shutil.which(runtime) is None:
+    program = RUNTIME_PROGRAMS.get(runtime, runtime)
+    if shutil.which(program) is None:
         raise ConfigError(
-            f"config key container.runtime: {runtime!r} is not on PATH on this machine. Load it "
+            f"config key container.runtime: {program!r} is not on PATH on this machine. Load it "
             f"(`module load {runtime}`) or install it, or set container.runtime=none to run the stages on the host"
         )
+    if runtime == "charliecloud" and not os.environ.get("USER"):
+        raise ConfigError("config key container.runtime: charliecloud's ch-run needs $USER set (export USER=...)")
     source = c["source"]
     if source == "path":
         if not c["path"]:
@@ -145,25 +151,90 @@ def container_prefix(cfg: dict) -> str:
     runtime = c["runtime"]
     if runtime == "none":
         return ""
-    scratch = container_scratch(cfg)
-    caches = {
-        "HF_HOME": scratch / "cache" / "huggingface",
-        "TRITON_CACHE_DIR": scratch / "cache" / "triton",
-        "XDG_CACHE_HOME": scratch / "cache",
-        "MPLCONFIGDIR": scratch / "cache" / "matplotlib",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONNOUSERSITE": "1",
-    }
+    if runtime == "charliecloud":
+        return shlex.join(charliecloud_command(cfg)) + " "
     cmd = [runtime, "exec"]
     if c["gpu"]:
         cmd.append("--nv")
     cmd.append("--cleanenv")
     for bind in container_binds(cfg):
         cmd += ["--bind", bind]
-    for name, value in caches.items():
+    for name, value in image_environment(cfg).items():
         cmd += ["--env", f"{name}={value}"]
     cmd.append(str(Path(container_image(cfg)).absolute()))
     return shlex.join(cmd) + " "
+
+
+def image_environment(cfg: dict) -> dict[str, str]:
+    """What the stages get inside the image besides the image's own settings: every cache under the scratch bind
+    (the image is read-only)."""
+    cache = container_scratch(cfg) / "cache"
+    return {
+        "HF_HOME": str(cache / "huggingface"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "XDG_CACHE_HOME": str(cache),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONNOUSERSITE": "1",
+    }
+
+
+# Charliecloud (ch-run): no overlay, so a bind's destination must exist in the image. The image has mount points
+# for the usual roots (/work, /home, /tmp, /scratch, ...; singularity/image_env.py); each is covered by a host
+# directory under the scratch (the skeleton) that holds only the empty directories leading to the bound paths,
+# and the paths are bound onto those. Nothing else of the host is visible.
+CHENV = "CHENV_"  # host variables handed in are copied to CHENV_<name> first: every other name is unset
+PASSED_TO_IMAGE = (*SECRETS_TO_IMAGE, "SLURM_JOB_ID")
+IMAGE_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+
+
+def charliecloud_squashfs(cfg: dict) -> Path:
+    """The image's root file system as SquashFS (ch-run mounts SquashFS, not SIF): written next to the SIF by
+    the container stage."""
+    return Path(container_image(cfg) + ".sqfs").absolute()
+
+
+def unset_all_but(prefix: str) -> list[str]:
+    """--unset-env globs (fnmatch) that match every variable name except those starting with prefix."""
+    globs = [f"{prefix[:i]}[!{prefix[i]}]*" for i in range(len(prefix))]
+    return [f"--unset-env={g}" for g in globs + [prefix[:i] for i in range(1, len(prefix))]]
+
+
+def charliecloud_mounts(cfg: dict) -> list[tuple[str, str]]:
+    """(source, destination) binds: each root's skeleton, then the bound paths at their own path."""
+    skeleton = container_scratch(cfg) / "mounts"
+    binds = [b.split(":")[:2] if ":" in b else [b, b] for b in container_binds(cfg)]
+    roots = sorted({"/" + Path(dst).parts[1] for _, dst in binds} | {"/tmp"})
+    return [(str(skeleton / root.lstrip("/")), root) for root in roots] + [(src, dst) for src, dst in binds]
+
+
+def charliecloud_command(cfg: dict) -> list[str]:
+    """`ch-run` with the image read-only, a clean environment (the host's is dropped: only PASSED_TO_IMAGE, the
+    caches, PATH, HOME and TMPDIR), the skeleton and the binds, the working directory, then `--`."""
+    scratch = container_scratch(cfg)
+    env = {"PATH": IMAGE_PATH, "HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"), "LC_ALL": "C.UTF-8",
+           **image_environment(cfg)}
+    # $NAME is expanded by ch-run from its own environment, in order: the values never are on a command line. A
+    # secret not set where the workflow starts is not passed (ch-run would set it empty).
+    passed = [name for name in PASSED_TO_IMAGE if name == "SLURM_JOB_ID" or os.environ.get(name)]
+    cmd = ["ch-run", *(f"--set-env={CHENV}{name}=${name}" for name in passed), *unset_all_but(CHENV)]
+    cmd += [f"--set-env={name}=${CHENV}{name}" for name in passed] + [f"--unset-env={CHENV}*"]
+    cmd += [f"--set-env={name}={value}" for name, value in env.items()]
+    cmd.append("--private-tmp")  # no host /tmp by default; the /tmp skeleton covers it
+    for src, dst in charliecloud_mounts(cfg):
+        cmd += ["-b", f"{src}:{dst}"]
+    return [*cmd, f"--cd={Path.cwd()}", str(charliecloud_squashfs(cfg)), "--"]
+
+
+def prepare_scratch(cfg: dict) -> None:
+    """At parse time (rules/common.smk), where the jobs run: the scratch's caches, and for Charliecloud the
+    skeleton of the bound paths and the home and temporary directories."""
+    scratch = container_scratch(cfg)
+    for sub in ("cache", "home", "tmp"):
+        (scratch / sub).mkdir(parents=True, exist_ok=True)
+    if cfg["container"]["runtime"] == "charliecloud":
+        for _, dst in charliecloud_mounts(cfg):  # each root, and the directories down to each bound path
+            (scratch / "mounts" / dst.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
 
 def container_environment(cfg: dict, environ: dict) -> dict[str, str]:
@@ -171,7 +242,7 @@ def container_environment(cfg: dict, environ: dict) -> dict[str, str]:
     secrets renamed APPTAINERENV_* / SINGULARITYENV_*, which the runtime hands into the image as HF_TOKEN even
     with --cleanenv. So the token reaches the stage without ever being on a command line."""
     runtime = cfg["container"]["runtime"]
-    if runtime == "none":
+    if runtime in ("none", "charliecloud"):  # ch-run copies them itself (charliecloud_command)
         return {}
     env_prefix = "APPTAINERENV_" if runtime == "apptainer" else "SINGULARITYENV_"
     return {env_prefix + name: environ[name] for name in SECRETS_TO_IMAGE if environ.get(name)}
@@ -181,6 +252,12 @@ def container_definition(cfg: dict) -> str:
     """The definition file, absolute: relative paths are relative to the workflow's repository."""
     definition = Path(cfg["container"]["definition"]).expanduser()
     return str(definition if definition.is_absolute() else REPO_DIR / definition)
+
+
+def container_build_inputs(cfg: dict) -> list[str]:
+    """What a built image is made of (the container rule's inputs for source build): the definition and the
+    recipe it shares with the CPU image (the lock, singularity/image_env.py, singularity/os-packages.txt)."""
+    return [container_definition(cfg), *(str(REPO_DIR / name) for name in RECIPE)]
 
 
 def project_commit() -> str:
