@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -249,8 +250,10 @@ def check_test_set(cfg: dict) -> None:
         raise ConfigError(str(err)) from None
 
 
-def resolve_config(user_config: dict) -> dict:
-    """schema defaults < hyperparameter preset < model preset < user config (config.yaml and --config)."""
+def resolve_config(user_config: dict, checked: set[str] | None = None) -> dict:
+    """schema defaults < hyperparameter preset < model preset < user config (config.yaml and --config).
+    checked: the test sets (with their evaluate settings) already read by this process, which are not read again
+    (an experiment resolves many runs that share one)."""
     schema = load_schema()
     user = expand_dotted(user_config or {})
     model_name = user.get("preset", schema["properties"]["preset"]["default"])
@@ -263,5 +266,9 @@ def resolve_config(user_config: dict) -> dict:
     resolved = coerce_strings(resolved, schema)
     validate(resolved, schema)
     check_consistency(resolved)
-    check_test_set(resolved)
+    seen = json.dumps([resolved["dataset"], resolved["evaluate"]], sort_keys=True, default=str)
+    if checked is None or seen not in checked:
+        check_test_set(resolved)
+        if checked is not None:
+            checked.add(seen)
     return resolved
