@@ -76,8 +76,10 @@ def sweep_points(sweep: dict, known: list[str]) -> list[dict]:
     unknown key (naming the closest), an empty axis and a zip point whose keys differ from the first one's."""
     axes: list[list[dict]] = []
     for key, values in sweep.items():
+        if key == "zip" and values == []:  # the default: no zip group
+            continue
         if key == "zip":
-            if not isinstance(values, list) or not values or not all(isinstance(v, dict) and v for v in values):
+            if not isinstance(values, list) or not all(isinstance(v, dict) and v for v in values):
                 raise ConfigError("config key sweep.zip: a non-empty list of points, each {dotted key: value} "
                                   "(the keys that vary together)")
             first = set(values[0])

@@ -1,0 +1,26 @@
+# Leaderboard stage (experiments: runs:/sweep:, README "Experiments"): one row per run and per base-only entry,
+# the settings that vary, base and fine-tuned metrics with the difference, cost, and the best run by
+# experiment.metric and experiment.direction (scripts/leaderboard.py). On the host: it reads metrics files only.
+
+if EXPERIMENT:
+
+    rule leaderboard:
+        input:
+            metrics=leaderboard_inputs(RUNS),
+            script=script("leaderboard"),
+            code=code_inputs("leaderboard"),
+        output:
+            csv=f"{OUT}/leaderboard/leaderboard.csv",
+            md=f"{OUT}/leaderboard/leaderboard.md",
+            figures=directory(f"{OUT}/leaderboard/figures"),
+        log:
+            f"{OUT}/leaderboard/leaderboard.log",
+        localrule: True
+        conda:
+            "../envs/finetune.yaml"
+        params:
+            entries=json.dumps(leaderboard_entries(RUNS), sort_keys=True),
+            args=stage_args(**pick(config["experiment"], "metric", "direction")),
+        shell:
+            "python {input.script} --entries {params.entries:q} {params.args} --out-csv {output.csv}"
+            " --out-md {output.md} --figures-dir {output.figures} > {log} 2>&1"
