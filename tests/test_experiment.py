@@ -101,6 +101,12 @@ def test_bad_experiments_are_refused_before_any_job_naming_the_run_and_key(keys,
         experiment(**keys)
 
 
+def test_a_command_line_override_of_a_swept_key_is_refused():
+    with pytest.raises(ConfigError, match="--config sets training.learning_rate, which the sweep varies"):
+        resolve_experiment({**DEMO, "sweep": {"training.learning_rate": [0.01, 0.02]}},
+                           command_line={"training__learning_rate": 0.5})
+
+
 def test_the_default_cap_is_64_runs():
     with pytest.raises(ConfigError, match="65 runs, more than the cap 64"):
         experiment(sweep={"training.seed": list(range(65))})

@@ -211,6 +211,10 @@ def resolve_experiment(user_config: dict, command_line: dict | None = None) -> d
     if not entries:
         raise ConfigError("config keys runs/sweep: the experiment has no runs")
     on_top = {k: v for k, v in expand_dotted(copy.deepcopy(command_line or {})).items() if k not in ("runs", "sweep")}
+    clash = sorted(set(dotted(on_top)) & {k for point in entries.values() for k in point[1]})
+    if clash:
+        raise ConfigError(f"--config sets {', '.join(clash)}, which the sweep varies (the run names would not say "
+                          "what the runs are): change the sweep: axis instead")
     table, checked = {}, set()
     for name, (overrides, values, base_only) in entries.items():
         try:
