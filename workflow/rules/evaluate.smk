@@ -40,6 +40,7 @@ rule evaluate:
                 "max_detected_labels",
             ),
             **pick(EVALUATE, "lm_eval_tasks", "lm_eval_limit", "lm_eval_include_path"),
+            **pick(EVALUATE, "group_field", "group_min_rows"),
             merged=MERGE["merge_full_weights"],
         ),
     shell:
