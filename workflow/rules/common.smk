@@ -238,6 +238,7 @@ def prepare_data_args(cfg):
         ),
         **pick(cfg["dataset"], "test_path", "test_split"),
         max_seq_length=cfg["training"]["max_seq_length"],
+        group_field=cfg["evaluate"]["group_field"],
     )
 
 
@@ -292,6 +293,7 @@ def evaluate_args(cfg, finetuned=True):
             "max_detected_labels",
         ),
         **pick(evaluate, "lm_eval_tasks", "lm_eval_limit", "lm_eval_include_path"),
+        **pick(evaluate, "group_field", "group_min_rows"),
         **({"merged": cfg["merge"]["merge_full_weights"]} if finetuned else {}),
     )
 

@@ -15,7 +15,7 @@ import math
 import os
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from hpc_finetune.data.source import is_empty, normalised
@@ -85,10 +85,18 @@ class Part:
 
 
 def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer, model: str, limits: Limits,
-          spill: str, exclude: set = frozenset()) -> Part:
+          spill: str, exclude: set = frozenset(), keep: str | None = None) -> Part:
     """Normalise, strip a leading BOS from text rows, drop empty and duplicate rows (and those in `exclude`: the
     digests of the training rows, for the held-out split), measure the tokens and apply dataset.long_rows. The kept
-    rows go to a file in the directory `spill`."""
+    rows go to a file in the directory `spill`. `keep`: a column carried over into the normalised row where the
+    row has it (the test set's evaluate.group_field); a row's digest leaves it out."""
+    kept_value: list = [None]  # the `keep` column of the row being normalised
+
+    def tap(source: Iterable[dict]) -> Iterator[dict]:
+        for row in source:
+            kept_value[0] = row.get(keep) if isinstance(row, dict) else None
+            yield row
+
     bos = tokenizer.bos_token
     counts: Counter = Counter()
     kept, seen = Kept(spill), set()
@@ -111,12 +119,14 @@ def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer
 
     try:
         number = 0
-        for number, out in enumerate(normalised(rows, fmt, text_field, where), start=1):
+        for number, out in enumerate(normalised(tap(rows) if keep else rows, fmt, text_field, where), start=1):
             if fmt == "text" and bos and out["text"].startswith(bos):
                 out["text"] = out["text"][len(bos) :]
                 counts["bos_stripped"] += 1
             line = (json.dumps(out, ensure_ascii=False) + "\n").encode()
             key = digest(line)
+            if keep and kept_value[0] is not None:
+                line = (json.dumps(out | {keep: kept_value[0]}, ensure_ascii=False) + "\n").encode()
             reason = "empty" if is_empty(out) else "duplicate" if key in seen else "in_train" if key in exclude else None
             if reason:
                 counts[reason] += 1
