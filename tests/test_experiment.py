@@ -8,7 +8,13 @@ import re
 import pytest
 import yaml
 from hpc_finetune.workflow.config import ConfigError, resolve_config
-from hpc_finetune.workflow.experiment import resolve_experiment, value_label, varying_settings
+from hpc_finetune.workflow.experiment import (
+    experiment_tags,
+    leaderboard_entries,
+    resolve_experiment,
+    value_label,
+    varying_settings,
+)
 from support.common import REPO
 
 DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -110,3 +116,16 @@ def test_a_command_line_override_of_a_swept_key_is_refused():
 def test_the_default_cap_is_64_runs():
     with pytest.raises(ConfigError, match="65 runs, more than the cap 64"):
         experiment(sweep={"training.seed": list(range(65))})
+
+
+def test_the_leaderboard_entries_are_the_runs_and_base_entries_with_the_settings_that_vary():
+    table = experiment(runs={"base": {"base_only": True}}, sweep={"training.learning_rate": [0.01, 0.02]})
+    entries = {entry["name"]: entry for entry in leaderboard_entries(table)}
+    assert entries["lr0.01"] == {"name": "lr0.01", "kind": "finetuned", "model": "demo",
+                                 "dataset": "data/demo/medical_qa.jsonl",
+                                 "settings": {"training.learning_rate": 0.01}, "run_dir": "results/lr0.01",
+                                 "base_metrics": None}
+    base = entries["base"]
+    assert base["kind"] == "base" and base["run_dir"] is None and base["settings"] == {}
+    assert base["base_metrics"] == f"results/{table['lr0.01']['_shared']['base']}/eval/base.json"
+    assert experiment_tags(table["lr0.02"]) == {"experiment.run": "lr0.02", "sweep.training.learning_rate": 0.02}

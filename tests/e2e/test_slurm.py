@@ -263,6 +263,21 @@ def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
     assert (workdir / "results" / "demo" / "merged" / "model.safetensors").is_file()
 
 
+def test_the_train_jobs_of_an_experiments_runs_are_in_the_queue_at_the_same_time(cluster, tmp_path):
+    """An experiment of two runs (README, "Experiments"): each run's train job is submitted as soon as its inputs
+    exist, not after the other run's: both are in Slurm's queue at once (submitted before either ended)."""
+    workdir = fresh_project(tmp_path / "experiment")
+    with open(workdir / "config.yaml", "a") as fh:
+        fh.write("sweep:\n  training.learning_rate: [0.005, 0.05]\ntraining:\n  max_steps: 4\n"
+                 "  eval_steps: 2\n  save_steps: 4\n")
+    run = slurm_snakemake(workdir, "results/lr5e-3/metrics/train.json", "results/lr0.05/metrics/train.json",
+                          "--config", *DEMO_RESOURCES)
+    assert [rule for rule, _, _ in run.jobs].count("build_demo_model") == 1  # the shared stages once
+    records = [slurm_cluster.scontrol_job(job) for job in run.job_ids("train")]
+    assert len(records) == 2, [rule for rule, _, _ in run.jobs]
+    assert max(r["SubmitTime"] for r in records) < min(r["EndTime"] for r in records), records
+
+
 def trainer_pid(workdir: Path) -> int | None:
     """The train stage's process (scripts/train.py) of the job running in workdir; None when there is none."""
     for proc in Path("/proc").iterdir():

@@ -35,6 +35,7 @@ from hpc_finetune.workflow.dataset import data_input, dataset_inputs
 from hpc_finetune.workflow.experiment import (
     alternatives,
     experiment_on,
+    experiment_tags,
     leaderboard_inputs,
     leaderboard_entries,
     resolve_experiment,
@@ -273,6 +274,7 @@ def train_watch(cfg):
         mlflow=tracking["mlflow"],
         mlflow_experiment=tracking["experiment"],
         run_name=cfg["run_name"],
+        **({"mlflow_tags": experiment_tags(cfg)} if EXPERIMENT else {}),
     )
 
 

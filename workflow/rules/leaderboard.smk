@@ -12,7 +12,12 @@ if EXPERIMENT:
         output:
             csv=f"{OUT}/leaderboard/leaderboard.csv",
             md=f"{OUT}/leaderboard/leaderboard.md",
-            figures=directory(f"{OUT}/leaderboard/figures"),
+            figures=report(
+                directory(f"{OUT}/leaderboard/figures"),
+                patterns=["{figure}.png"],
+                category="0. Leaderboard",
+                caption="../report/leaderboard.rst",
+            ),
         log:
             f"{OUT}/leaderboard/leaderboard.log",
         localrule: True

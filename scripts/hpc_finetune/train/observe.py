@@ -61,6 +61,7 @@ def start_tracking(cfg: Any, rank: int, run_dir: Path, settings: dict) -> Tracke
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)
         tracker.log_params(flatten({"training": settings}))
+        tracker.set_tags(getattr(cfg, "mlflow_tags", None) or {})
     return tracker
 
 

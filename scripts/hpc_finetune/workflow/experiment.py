@@ -245,6 +245,12 @@ def varying_settings(table: dict[str, dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
 
 
+def experiment_tags(cfg: dict) -> dict[str, Any]:
+    """MLflow tags of an experiment's run: its name and its sweep values (one MLflow run per run, all in the
+    experiment tracking.experiment, so MLflow's compare view lines them up)."""
+    return {"experiment.run": cfg["run_name"], **{f"sweep.{k}": v for k, v in cfg["_sweep"].items()}}
+
+
 def model_label(cfg: dict) -> str:
     model = cfg["model"]
     return model.get("model_id") or (model.get("path") if model["source"] == "local" else None) or model["source"]
@@ -263,7 +269,10 @@ def leaderboard_entries(table: dict[str, dict]) -> list[dict]:
         flat = dotted({k: v for k, v in cfg.items() if not k.startswith("_")})
         entries.append({
             "name": name, "kind": "base" if cfg["_base_only"] else "finetuned", "model": model_label(cfg),
-            "dataset": cfg["dataset"]["path"], "settings": {k: flat.get(k) for k in varying},
+            "dataset": cfg["dataset"]["path"],
+            # a base entry trains nothing: its training and merge settings are not its own
+            "settings": {k: flat.get(k) for k in varying
+                         if not (cfg["_base_only"] and k.startswith(("training.", "merge.")))},
             "run_dir": None if cfg["_base_only"] else run_dir(cfg),
             "base_metrics": base_out(cfg, "base.json") if cfg["_base_only"] else None,
         })
