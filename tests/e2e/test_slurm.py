@@ -38,7 +38,8 @@ GPU_STAGES = ("preflight", "train", "merge", "evaluate")
 # beyond the demo's training (480 steps: ~1 min idle, 25 min on a loaded 2-core machine, where a 20-minute limit
 # stopped it at 15 min and the retry made the demo's first train job FAILED): only the time-limit test meets one.
 DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resources__train_runtime=120")
-SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/\d+\.log)\)")
+# the plugin's job log: .snakemake/slurm_logs/rule_<rule>/[<wildcard values>/]<job id>.log
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/(?:\S+/)?\d+\.log)\)")
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +127,8 @@ def test_every_stage_ran_as_a_slurm_job(slurm_demo):
         assert (run_dir / path).is_file(), path
     for rule, job, log in slurm_demo.jobs:
         record = slurm_cluster.scontrol_job(job)
-        assert record["JobState"] == "COMPLETED" and record["Comment"] == f"rule_{rule}", record
+        # the comment names the stage and its run (or shared stage's key): rule_train_wildcards_demo
+        assert record["JobState"] == "COMPLETED" and record["Comment"].startswith(f"rule_{rule}_wildcards_"), record
         assert log.is_file(), f"{rule}: job log {log} missing"
 
 
