@@ -74,7 +74,6 @@ rule prepare_data:
             ),
             **pick(DATASET, "test_path", "test_split"),
             max_seq_length=TRAINING["max_seq_length"],
-            group_field=EVALUATE["group_field"],
         ),
     shell:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"
