@@ -99,11 +99,11 @@ def read_rows(path: str | None, limit: int | None = None) -> list[dict]:
     return list(islice(iter_jsonl(path), limit))
 
 
-def file_format(path: str | None, rows: list[dict], complete: bool = True, extra: str | None = None) -> str | None:
+def file_format(path: str | None, rows: list[dict], complete: bool = True, other_columns: bool = False) -> str | None:
     """The format of a data file's rows: of `rows`, or when they are not the whole file (`complete` false), of
-    every row read one at a time (the training file can hold millions). `extra`: a column the rows may also have
-    (the test set's evaluate.group_field)."""
-    return detect_format(rows if complete or path is None else iter_jsonl(path), path, frozenset({extra} - {None}))
+    every row read one at a time (the training file can hold millions). other_columns: the test set, whose rows
+    keep their other columns (evaluate.group_field reads one)."""
+    return detect_format(rows if complete or path is None else iter_jsonl(path), path, other_columns)
 
 
 def check_finetuned(path: str, merged: bool) -> None:
@@ -219,7 +219,7 @@ def main(cfg: Config) -> dict:
     formats = {path: found for path, found in (
         (cfg.train_data, file_format(cfg.train_data, train_rows, complete=False)),
         (cfg.eval_data, file_format(cfg.eval_data, eval_rows)),
-        (cfg.test_data, file_format(cfg.test_data, test_rows, extra=cfg.group_field)),
+        (cfg.test_data, file_format(cfg.test_data, test_rows, other_columns=True)),
     ) if found}
     if len(set(formats.values())) > 1:
         raise StageError("the data files hold rows of different formats: "

@@ -16,8 +16,8 @@ any column named `prompt` as prompt/completion data). The held-out rows are the 
 validation/eval/test split when it has one (dataset.eval_split), else dataset.eval_fraction of the rows; held-out
 rows that repeat a training row are dropped. The test set (dataset.test_path, else the dataset's test split,
 dataset.test_split) is read, checked row by row against the training format and cleaned the same way, without
-rows that repeat a training or held-out row, keeping the column --group-field (evaluate.group_field) where a
-row has it; only the evaluate stage scores it (an empty test.jsonl: none). Outputs are written only after validation passes: a failure keeps
+rows that repeat a training or held-out row, keeping each row's other columns (a category, a source: what
+evaluate.group_field names); only the evaluate stage scores it (an empty test.jsonl: none). Outputs are written only after validation passes: a failure keeps
 the old ones.
 
 The rows stream (hpc_finetune.data.clean): the stage keeps per row a digest, an offset into a scratch file beside
@@ -76,7 +76,6 @@ class Config:
     test_path: str | None = option("dataset.test_path")
     test_split: str = option("dataset.test_split")
     test_out: str | None = field(default=None, metadata={"help": "normalised test rows (JSONL; empty: no test set)"})
-    group_field: str | None = option("evaluate.group_field")
 
 
 def check_options(cfg: Config) -> None:
@@ -187,8 +186,8 @@ def main(cfg: Config) -> dict:
     spill = tempfile.mkdtemp(dir=Path(cfg.train_out).parent, prefix=".prepare_data.")
     parts: list[Part] = []
 
-    def clean_part(rows, where: str, exclude: set = frozenset(), keep: str | None = None) -> Part:
-        parts.append(clean(rows, where, fmt, text_field, tokenizer, model, limits, spill, exclude, keep))
+    def clean_part(rows, where: str, exclude: set = frozenset(), keep_columns: bool = False) -> Part:
+        parts.append(clean(rows, where, fmt, text_field, tokenizer, model, limits, spill, exclude, keep_columns))
         return parts[-1]
 
     try:
@@ -224,8 +223,8 @@ def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, 
     seen = train.keys  # the training rows' digests, and now the held-out rows' too
     if held:
         seen.update(held.kept.digests[i] for i in eval_pairs)
-    test, test_source = test_part(cfg, source, fmt, text_field,  # the test rows keep evaluate.group_field
-                                  lambda rows, where: clean_part(rows, where, seen, cfg.group_field))
+    test, test_source = test_part(cfg, source, fmt, text_field,  # the test rows keep their other columns
+                                  lambda rows, where: clean_part(rows, where, seen, keep_columns=True))
     test_order = shuffled(rng, len(test.kept)) if test else []
     report = make_report(cfg, source, fmt, text_field, found, train, held, train_pairs, eval_pairs)
     report |= {"test_rows": len(test.kept) if test else 0, "test_source": test_source}

@@ -33,8 +33,7 @@ def triage(tmp_path_factory) -> dict:
     data = {name: str(root / "data" / f"{name}.jsonl") for name in ("train", "eval", "test")}
     report = prepare_data.main(prepare_data.Config(
         path=str(TRIAGE), model_json=str(root / "model.json"), train_out=data["train"], eval_out=data["eval"],
-        test_out=data["test"], report_out=str(root / "data" / "report.json"), max_seq_length=256,
-        group_field="category"))
+        test_out=data["test"], report_out=str(root / "data" / "report.json"), max_seq_length=256))
     cfg = make_config(tiny_model, root / "train", read_jsonl(data["train"]), read_jsonl(data["eval"]), max_steps=150,
                       learning_rate=1e-2, micro_batch_size=16, eval_steps=75, save_steps=150)
     train.main(cfg)
@@ -79,6 +78,7 @@ def test_every_metric_per_category_with_false_positive_and_negative_rates(triage
     category with at least MIN_ROWS rows gets every metric, recomputed here from the per-sample records, and each
     label's false-positive/negative rates; the smaller ones are listed with their row counts, not hidden."""
     from hpc_finetune.evaluate.groups import RANKING
+    from hpc_finetune.report.tables import evaluation_html
 
     shipped = [json.loads(line) for line in (TRIAGE / "test.jsonl").read_text().splitlines()]
     assert sorted(r["category"] for r in triage["test"]) == sorted(r["category"] for r in shipped)
@@ -119,3 +119,6 @@ def test_every_metric_per_category_with_false_positive_and_negative_rates(triage
     text = open(triage["report_out"], encoding="utf-8").read()
     assert "Groups: evaluate.group_field 'category'" in text and "heart_lungs: 7 rows, fewer than" in text
     assert "False-positive / false-negative rate per group" in text and "worst group (finetuned)" in text
+    page = evaluation_html(triage["metrics"], samples)  # the HTML report's evaluation
+    assert "<h2>Per group</h2>" in page and "heart_lungs: 7 rows, fewer than" in page
+    assert page.count("<td>skin</td>") == 1 + 4  # its metrics row and its 4 rate rows (2 models x 2 labels)

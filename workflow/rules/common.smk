@@ -239,7 +239,6 @@ def prepare_data_args(cfg):
         ),
         **pick(cfg["dataset"], "test_path", "test_split"),
         max_seq_length=cfg["training"]["max_seq_length"],
-        group_field=cfg["evaluate"]["group_field"],
     )
 
 

@@ -28,8 +28,8 @@ def group_values(rows: list[dict], field: str, path: str | None) -> list[str]:
         if value is None or value == "" or isinstance(value, dict | list):
             have = ", ".join(sorted(row)) or "no fields"
             raise StageError(f"{path} row {number}: evaluate.group_field {field!r} is missing or empty (the row has "
-                             f"{have}); give every test row a group, or set evaluate.group_field to null. The data "
-                             "stage keeps that column in test.jsonl: re-run it after setting the key")
+                             f"{have}); give every test row a group, or set evaluate.group_field to null (the data "
+                             "stage keeps the test rows' other columns in test.jsonl, not the held-out rows')")
         out.append(str(value))
     return out
 
@@ -100,25 +100,53 @@ def worst(groups: dict, model: str) -> dict | None:
     return None
 
 
-def group_text(section: dict) -> list[str]:
-    """The groups part of eval/report.txt: one table of every metric per group (base -> fine-tuned), the groups
-    too small to score with their row counts, the false-positive/negative rates per label, the worst group."""
-    from hpc_finetune.evaluate.report import NAMES, fmt, text_table
+def group_tables(section: dict) -> dict:
+    """The groups section as tables people read (eval/report.txt and the HTML report): `metrics` (header, rows:
+    every metric per scored group, 'base -> fine-tuned'), `small` (the groups too small to score, why), `rates`
+    (header, rows: FPR and FNR per group, model and label) and `worst` (one line per model)."""
+    from hpc_finetune.evaluate.report import NAMES, fmt
 
-    out = ["", f"Groups: evaluate.group_field {section['field']!r}; a group needs at least {section['min_rows']} "
-               "scored rows (evaluate.group_min_rows)"]
     scored = {g: e for g, e in section["groups"].items() if e["scored"]}
     keys = list(next(iter(scored.values()))["metrics"]) if scored else []
     both = lambda v: f"{fmt(v['base'])} -> {fmt(v['finetuned'])}" if "finetuned" in v else fmt(v["base"])  # noqa: E731
-    out += text_table(["group", "rows", *(NAMES.get(k, k) for k in keys)],
-                      [[g, str(e["rows"]), *(both(e["metrics"][k]) for k in keys)] for g, e in scored.items()])
-    out += [f"{g}: {e['reason']}" for g, e in section["groups"].items() if not e["scored"]]
     rates = [[g, model, label, fmt(r["false_positive_rate"]), fmt(r["false_negative_rate"]), str(r["positives"]),
               str(r["negatives"])]
              for g, e in scored.items() for model, per in e.get("error_rates", {}).items() for label, r in per.items()]
-    if rates:
-        out += ["", "False-positive / false-negative rate per group, model and label (one label against the rest)"]
-        out += text_table(["group", "model", "label", "FPR", "FNR", "positives", "negatives"], rates)
-    out += [f"worst group ({model}): {w['group']} by {NAMES.get(w['metric'], w['metric'])} {fmt(w['value'])}"
-            for model, w in section["worst"].items() if w]
-    return out
+    return {
+        "title": f"Groups: evaluate.group_field {section['field']!r}; a group needs at least {section['min_rows']} "
+                 "scored rows (evaluate.group_min_rows)",
+        "metrics": (["group", "rows", *(NAMES.get(k, k) for k in keys)],
+                    [[g, str(e["rows"]), *(both(e["metrics"][k]) for k in keys)] for g, e in scored.items()]),
+        "small": [f"{g}: {e['reason']}" for g, e in section["groups"].items() if not e["scored"]],
+        "rates": (["group", "model", "label", "FPR", "FNR", "positives", "negatives"], rates),
+        "worst": [f"worst group ({model}): {w['group']} by {NAMES.get(w['metric'], w['metric'])} {fmt(w['value'])}"
+                  for model, w in section["worst"].items() if w],
+    }
+
+
+RATES_TITLE = "False-positive / false-negative rate per group, model and label (one label against the rest)"
+
+
+def group_text(section: dict) -> list[str]:
+    """The groups part of eval/report.txt (group_tables as text)."""
+    from hpc_finetune.evaluate.report import text_table
+
+    tables = group_tables(section)
+    out = ["", tables["title"], *text_table(*tables["metrics"]), *tables["small"]]
+    if tables["rates"][1]:
+        out += ["", RATES_TITLE, *text_table(*tables["rates"])]
+    return out + tables["worst"]
+
+
+def group_html(section: dict) -> str:
+    """The groups part of the HTML report's evaluation (group_tables as HTML)."""
+    import html
+
+    from hpc_finetune.report.tables import html_table
+
+    tables = group_tables(section)
+    out = [f"<h2>Per group</h2><p>{html.escape(tables['title'])}</p>", html_table(*tables["metrics"], "metrics")]
+    out += [f"<p>{html.escape(line)}</p>" for line in tables["small"]]
+    if tables["rates"][1]:
+        out += [f"<p>{html.escape(RATES_TITLE)}</p>", html_table(*tables["rates"], "metrics")]
+    return "".join(out + [f"<p>{html.escape(line)}</p>" for line in tables["worst"]])

@@ -168,7 +168,7 @@ def shared_keys(cfg: dict) -> dict[str, str]:
     if model["source"] == "demo":
         what["data"] = {k: ds[k] for k in ("path", "format", "text_field", "split", "eval_split", "config_name")}
     model_key = content_key("model", what)
-    data_key = content_key("data", model_key, ds, cfg["training"]["max_seq_length"], cfg["evaluate"]["group_field"])
+    data_key = content_key("data", model_key, ds, cfg["training"]["max_seq_length"])
     evaluate = {k: v for k, v in cfg["evaluate"].items() if k != "enabled"}
     return {"model": model_key, "data": data_key, "base": content_key("base", model_key, data_key, evaluate)}
 
