@@ -12,11 +12,19 @@ if EXPERIMENT:
         output:
             csv=f"{OUT}/leaderboard/leaderboard.csv",
             md=f"{OUT}/leaderboard/leaderboard.md",
+            # the report's first page when there are several runs (category 0)
+            html=report(
+                f"{OUT}/leaderboard/leaderboard.html",
+                category="0. Leaderboard",
+                caption="../report/leaderboard.rst",
+                labels={"page": "leaderboard"},
+            ),
             figures=report(
                 directory(f"{OUT}/leaderboard/figures"),
                 patterns=["{figure}.png"],
                 category="0. Leaderboard",
                 caption="../report/leaderboard.rst",
+                labels={"figure": "{figure}"},
             ),
         log:
             f"{OUT}/leaderboard/leaderboard.log",
@@ -28,4 +36,4 @@ if EXPERIMENT:
             args=stage_args(**pick(config["experiment"], "metric", "direction")),
         shell:
             "python {input.script} --entries {params.entries:q} {params.args} --out-csv {output.csv}"
-            " --out-md {output.md} --figures-dir {output.figures} > {log} 2>&1"
+            " --out-md {output.md} --out-html {output.html} --figures-dir {output.figures} > {log} 2>&1"
