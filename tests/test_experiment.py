@@ -93,6 +93,7 @@ def test_command_line_overrides_hold_for_every_run():
      None),
     ({"runs": {"lr0.01": {"base_only": True}}, "sweep": {"training.learning_rate": [0.01, 0.02]}}, "used twice"),
     ({"sweep": {"model.model_id": ["a/b", "a b"], "model.revision": ["main"]}}, "used twice"),
+    ({"runs": {"leaderboard": {}}}, "run name 'leaderboard' is the experiment's own directory"),
     ({"sweep": {"training.learning_rate": [0.01, 0.02, 0.03]}, "experiment": {"max_runs": 2}},
      "experiment has 3 runs, more than the cap 2"),
     ({"runs": {"bad": {"training": {"lora_r": -1}}}}, "run bad: config key training"),

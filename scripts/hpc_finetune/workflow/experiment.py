@@ -29,6 +29,7 @@ SHORT = {"learning_rate": "lr", "lora_r": "r", "lora_alpha": "alpha", "lora_drop
          "max_steps": "steps", "micro_batch_size": "bs", "gradient_accumulation_steps": "ga", "weight_decay": "wd",
          "max_seq_length": "len", "warmup_ratio": "warm", "quantization": "q", "preset": "", "model_id": "",
          "path": "", "hyperparameters": "hp"}
+RESERVED = ("leaderboard",)  # {output_dir}/leaderboard holds the experiment's leaderboard
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -119,6 +120,9 @@ def expand(runs: dict, sweep: dict, default_name: str = "demo") -> dict[str, tup
         if not RUN_NAME.fullmatch(name):
             raise ConfigError(f"{what}: run name {name!r} is not a name of letters, digits, dots, underscores and "
                               "hyphens that starts with a letter or digit (it names {output_dir}/<run>)")
+        if name in RESERVED:
+            raise ConfigError(f"{what}: run name {name!r} is the experiment's own directory {{output_dir}}/{name}; "
+                              "rename the run")
         if name in entries:
             raise ConfigError(f"{what}: run name {name!r} is used twice (runs: and the sweep's generated names must "
                               "be unique; rename the run, or add a key that tells the points apart)")
