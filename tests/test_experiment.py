@@ -33,12 +33,19 @@ def test_a_single_run_config_resolves_as_before():
 def test_a_sweep_crosses_its_axes_and_names_runs_from_the_values_that_vary():
     table = experiment(sweep={"training.learning_rate": [2e-4, 0.01], "training.lora_r": [8, 16],
                               "training.epochs": [1]})
-    assert sorted(table) == ["lr0.01_r16", "lr0.01_r8", "lr2e-4_r16", "lr2e-4_r8"]
-    run = table["lr2e-4_r16"]
+    assert sorted(table) == ["lr0.01_r16_ep1", "lr0.01_r8_ep1", "lr2e-4_r16_ep1", "lr2e-4_r8_ep1"]
+    run = table["lr2e-4_r16_ep1"]
     assert run["training"]["learning_rate"] == 2e-4 and run["training"]["lora_r"] == 16
-    assert run["run_name"] == "lr2e-4_r16"
+    assert run["run_name"] == "lr2e-4_r16_ep1"
     assert run["_sweep"] == {"training.learning_rate": 2e-4, "training.lora_r": 16, "training.epochs": 1}
     assert varying_settings(table) == ["training.learning_rate", "training.lora_r"]
+
+
+def test_a_run_keeps_its_name_when_a_value_is_added_to_or_removed_from_the_sweep():
+    two = experiment(sweep={"training.learning_rate": [0.01, 0.02], "training.lora_r": [8]})
+    one = experiment(sweep={"training.learning_rate": [0.01], "training.lora_r": [8]})
+    assert sorted(two) == ["lr0.01_r8", "lr0.02_r8"] and list(one) == ["lr0.01_r8"]
+    assert one["lr0.01_r8"]["_shared"] == two["lr0.01_r8"]["_shared"]
 
 
 def test_a_zip_group_varies_keys_together_and_crosses_the_other_axes():

@@ -44,7 +44,7 @@ def leaderboard(workdir) -> list[dict]:
 def test_the_leaderboard_has_a_row_per_run_and_per_base_entry(experiment):
     workdir, _ = experiment
     rows = leaderboard(workdir)
-    assert {(row["name"], row["kind"]) for row in rows} == {("lr5e-3", "finetuned"), ("lr0.05", "finetuned"),
+    assert {(row["name"], row["kind"]) for row in rows} == {("lr5e-3_r8", "finetuned"), ("lr0.05_r8", "finetuned"),
                                                               ("base", "base")}
     tuned = {row["name"]: row for row in rows if row["kind"] == "finetuned"}
     assert {float(row["setting training.learning_rate"]) for row in tuned.values()} == set(LRS)
@@ -69,7 +69,7 @@ def test_the_shared_stages_ran_once_and_every_run_had_its_own(experiment):
     assert {rule: jobs[rule] for rule in PER_RUN} == dict.fromkeys(PER_RUN, len(LRS))
     shared = sorted(path.name.split("-")[0] for path in (workdir / "results" / "_shared").iterdir())
     assert shared == ["base", "data", "model"]
-    manifest = yaml.safe_load((workdir / "results" / "lr0.05" / "manifest.json").read_text())
+    manifest = yaml.safe_load((workdir / "results" / "lr0.05_r8" / "manifest.json").read_text())
     assert any(entry["path"].startswith("../_shared/data-") for entry in manifest["artifacts"])
 
 
@@ -78,7 +78,7 @@ def test_each_run_is_one_mlflow_run_tagged_with_its_sweep_values(experiment):
     with sqlite3.connect(workdir / "results" / "mlflow.db") as db:
         tags = db.execute("SELECT t.value, s.value FROM tags t JOIN tags s ON s.run_uuid = t.run_uuid"
                           " WHERE t.key = 'experiment.run' AND s.key = 'sweep.training.learning_rate'").fetchall()
-    assert sorted(tags) == [("lr0.05", "0.05"), ("lr5e-3", "0.005")]
+    assert sorted(tags) == [("lr0.05_r8", "0.05"), ("lr5e-3_r8", "0.005")]
 
 
 def test_a_second_run_does_nothing(experiment, tmp_path):
@@ -96,4 +96,4 @@ def test_changing_adding_or_removing_a_run_replans_only_its_jobs_and_the_leaderb
     workdir = copy_project(experiment[0], tmp_path / "project")
     (workdir / "config.yaml").write_text(experiment_config(lrs))
     assert planned_counts(run_workflow(workdir, "--dry-run")) == expected
-    assert (workdir / "results" / "lr0.05" / "manifest.json").is_file()  # a removed run's outputs stay
+    assert (workdir / "results" / "lr0.05_r8" / "manifest.json").is_file()  # a removed run's outputs stay

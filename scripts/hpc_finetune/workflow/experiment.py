@@ -105,7 +105,7 @@ def point_name(point: dict, varying: list[str]) -> str:
     return "_".join(f"{key_label(k)}{value_label(point[k])}" for k in varying)
 
 
-def expand(runs: dict, sweep: dict, default_name: str = "demo") -> dict[str, tuple[dict, dict, bool]]:
+def expand(runs: dict, sweep: dict) -> dict[str, tuple[dict, dict, bool]]:
     """{run name: (the run's overrides, its sweep values, base_only)} from `runs:` and `sweep:`, before any
     resolution. Refuses duplicate or colliding names, a run that sets run_name or an experiment-level key."""
     schema = load_schema()
@@ -113,7 +113,9 @@ def expand(runs: dict, sweep: dict, default_name: str = "demo") -> dict[str, tup
     if not isinstance(runs, dict):
         raise ConfigError("config key runs: a mapping {run name: {key: value, ...}}")
     points = sweep_points(sweep, known)
-    varying = [k for k in (points[0] if points else {}) if len({json.dumps(p[k], sort_keys=True) for p in points}) > 1]
+    # every axis names the runs, even one left with a single value: a run's name must not change when another
+    # value is added to or removed from the sweep (its outputs are under that name)
+    axes = list(points[0]) if points else []
     entries: dict[str, tuple[dict, dict, bool]] = {}
 
     def add(name: str, overrides: dict, values: dict, base_only: bool, what: str) -> None:
@@ -151,8 +153,8 @@ def expand(runs: dict, sweep: dict, default_name: str = "demo") -> dict[str, tup
         return entries
     for name, flat in named or [(None, {})]:
         for point in points:
-            label = point_name(point, varying)
-            run = "_".join(part for part in (name, label) if part) or default_name
+            label = point_name(point, axes)
+            run = "_".join(part for part in (name, label) if part)
             add(run, deep_merge(flat, expand_dotted(point)), point, False,
                 f"config key sweep (point {point})" if name is None else f"config key runs.{name} x sweep {point}")
     return entries
@@ -207,7 +209,7 @@ def resolve_experiment(user_config: dict, command_line: dict | None = None) -> d
         return {cfg["run_name"]: cfg}
     top, runs, sweep = split_user(user_config)
     base = resolve_config(top)  # the experiment's own keys (experiment.*, output_dir) and every run's defaults
-    entries = expand(runs, sweep, str(base["run_name"]))
+    entries = expand(runs, sweep)
     cap = base["experiment"]["max_runs"]
     if len(entries) > cap:
         raise ConfigError(f"config key experiment.max_runs: the experiment has {len(entries)} runs, more than the cap "
