@@ -21,7 +21,7 @@ export TRANSFORMERS4_PATH := $(abspath $(VENV))/transformers4
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env lock vllm-env demo report test lint bench gpu-bundle gpu-check clean install-profile
+.PHONY: env lock vllm-env demo experiment-demo report test lint bench gpu-bundle gpu-check clean install-profile
 
 PACKAGE := $(VENV)/.package
 
@@ -83,6 +83,11 @@ $(VLLM_STAMP): requirements-vllm.lock
 
 demo: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local
+
+# The example experiment (README, "Experiments"): 3 learning rates x 2 LoRA ranks and the base model, one leaderboard.
+experiment-demo: $(STAMP) $(PACKAGE)
+	$(BIN)/snakemake --profile profiles/local --configfile workflow/experiments/demo.yaml
+	cat results/leaderboard/leaderboard.md
 
 report: $(STAMP) $(PACKAGE)
 	$(BIN)/snakemake --profile profiles/local --report results/demo/report.html

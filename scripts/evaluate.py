@@ -12,7 +12,13 @@ for label-style answers accuracy, macro precision/recall/F1 and the confusion ma
         --report-out results/demo/eval/report.txt
 
 --finetuned is the merged model (--merged true: base and merged are loaded one after the other) or the adapter
-directory (--merged false: base + adapter, the base's answers with the adapter disabled). Loss counts the answer
+directory (--merged false: base + adapter, the base's answers with the adapter disabled).
+
+--part splits the stage so that an experiment scores each base model once (hpc_finetune.evaluate.parts):
+`--part base` scores the base model alone (no --finetuned) and writes --metrics-out base.json and --samples-out
+base.jsonl; `--part finetuned --base-metrics base.json --base-samples base.jsonl` scores the fine-tuned model and
+writes what `--part both` (the default: both models here) writes, the base side taken from those files, which it
+refuses when they were made on other rows or with other settings. Both parts give the metrics of --part both. Loss counts the answer
 tokens only, rendered as the train stage rendered them (hpc_finetune.data.rows); hpc_finetune.evaluate scores,
 generates and reports. Text rows have no separate answer: no generation for them. The label check runs before
 any model is loaded.
@@ -28,7 +34,8 @@ from typing import Any
 
 from hpc_finetune.data.rows import detect_format, encode, prompt_ids, render
 from hpc_finetune.data.testset import reference
-from hpc_finetune.evaluate import harness
+from hpc_finetune.evaluate import harness, parts
+from hpc_finetune.evaluate.groups import group_metrics, group_values, members
 from hpc_finetune.evaluate.labels import check_references
 from hpc_finetune.evaluate.metrics import (
     classification,
@@ -51,13 +58,16 @@ class Config:
     model_json: str = field(
         metadata={"help": "model record of the model stage (its 'path' is the base model)"}
     )
-    finetuned: str = field(
-        metadata={"help": "merged model directory, or adapter directory with --merged false"}
-    )
     train_data: str = field(metadata={"help": "train.jsonl (the loss of its first rows shows what was learnt)"})
     eval_data: str = field(metadata={"help": "eval.jsonl (scored when there is no test set; may be empty)"})
-    metrics_out: str = field(metadata={"help": "metrics JSON"})
+    metrics_out: str = field(metadata={"help": "metrics JSON (--part base: base.json)"})
     samples_out: str = field(metadata={"help": "JSONL: one record per scored prompt, both models' answers"})
+    finetuned: str | None = field(
+        default=None, metadata={"help": "merged model directory, or adapter directory with --merged false"}
+    )
+    part: str = field(default="both", metadata={"help": "both, base (the base model alone) or finetuned"})
+    base_metrics: str | None = field(default=None, metadata={"help": "--part finetuned: the base part's base.json"})
+    base_samples: str | None = field(default=None, metadata={"help": "--part finetuned: the base part's samples"})
     test_data: str | None = field(default=None, metadata={"help": "test.jsonl (empty or absent: no test set)"})
     samples_csv: str | None = field(default=None, metadata={"help": "the samples as CSV (a spreadsheet)"})
     report_out: str | None = field(default=None, metadata={"help": "the plain-text report"})
@@ -69,6 +79,8 @@ class Config:
     lm_eval_tasks: list[str] = option("evaluate.lm_eval_tasks")
     lm_eval_limit: int | None = option("evaluate.lm_eval_limit")
     lm_eval_include_path: str | None = option("evaluate.lm_eval_include_path")
+    group_field: str | None = option("evaluate.group_field")
+    group_min_rows: int = option("evaluate.group_min_rows")
     merged: bool = field(
         default=True, metadata={"help": "--finetuned is a merged model (true) or an adapter"}
     )
@@ -87,10 +99,11 @@ def read_rows(path: str | None, limit: int | None = None) -> list[dict]:
     return list(islice(iter_jsonl(path), limit))
 
 
-def file_format(path: str | None, rows: list[dict], complete: bool = True) -> str | None:
+def file_format(path: str | None, rows: list[dict], complete: bool = True, other_columns: bool = False) -> str | None:
     """The format of a data file's rows: of `rows`, or when they are not the whole file (`complete` false), of
-    every row read one at a time (the training file can hold millions)."""
-    return detect_format(rows if complete or path is None else iter_jsonl(path), path)
+    every row read one at a time (the training file can hold millions). other_columns: the test set, whose rows
+    keep their other columns (evaluate.group_field reads one)."""
+    return detect_format(rows if complete or path is None else iter_jsonl(path), path, other_columns)
 
 
 def check_finetuned(path: str, merged: bool) -> None:
@@ -113,6 +126,23 @@ def check_finetuned(path: str, merged: bool) -> None:
 def check_options(cfg: Config) -> None:
     if (cfg.num_samples is not None and cfg.num_samples < 1) or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise StageError("num_samples (or null), max_new_tokens and batch_size must be at least 1")
+    if cfg.part not in parts.PARTS:
+        raise StageError(f"--part {cfg.part!r} is not one of {', '.join(parts.PARTS)}")
+    if cfg.part != "base" and not cfg.finetuned:
+        raise StageError(f"--part {cfg.part} needs --finetuned (the merged model or the adapter)")
+    if cfg.part == "finetuned" and not (cfg.base_metrics and cfg.base_samples):
+        raise StageError("--part finetuned needs --base-metrics and --base-samples (the base part's outputs)")
+    if cfg.part == "base" and (cfg.samples_csv or cfg.report_out):
+        raise StageError("--part base writes --metrics-out and --samples-out only; the fine-tuned part writes the "
+                         "CSV and the report")
+
+
+def settings_of(cfg: Config, fmt: str | None, dtype: Any) -> dict:
+    """What the base side depends on besides the rows: the base part's file must have been made with these."""
+    names = ("num_samples", "max_new_tokens", "batch_size", "labels", "max_detected_labels", "lm_eval_tasks",
+             "lm_eval_limit", "lm_eval_include_path", "max_train_rows", "max_length", "max_batch_tokens",
+             "group_field", "group_min_rows")
+    return {name: getattr(cfg, name) for name in names} | {"data_format": fmt, "dtype": dtype_name(dtype)}
 
 
 def scored_rows(cfg: Config, test_rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], str, dict]:
@@ -137,30 +167,34 @@ def question_of(row: dict) -> str:
 
 def lm_eval_models(cfg: Config, base_dir: str, dtype: Any) -> dict[str, str]:
     name = dtype_name(dtype)
-    tuned = (harness.model_args(cfg.finetuned, name) if cfg.merged
-             else harness.model_args(base_dir, name, adapter=cfg.finetuned))
-    return {"base": harness.model_args(base_dir, name), "finetuned": tuned}
+    models = {"base": harness.model_args(base_dir, name)} if cfg.part != "finetuned" else {}
+    if cfg.part != "base":
+        models["finetuned"] = (harness.model_args(cfg.finetuned, name) if cfg.merged
+                               else harness.model_args(base_dir, name, adapter=cfg.finetuned))
+    return models
 
 
 def metrics_of(cfg: Config, base_dir: str, dtype, fmt, scored: dict, losses: dict, samples: list, skipped: str | None,
                labels: tuple, lm_eval: dict | None, notes: list[str], start: float) -> dict:
-    base, tuned = losses["base"]["scored"], losses["finetuned"]["scored"]
-    ratio = base["loss"] / tuned["loss"] if base["loss"] is not None and tuned["loss"] else None
-    side = {"answer_loss": {"base": base["loss"], "finetuned": tuned["loss"], "rows": base["rows"]},
-            "perplexity": {"base": base["perplexity"], "finetuned": tuned["perplexity"], "rows": base["rows"]}}
-    side |= text_metrics(samples)
-    result = classification(samples, labels[0]) if labels[0] and samples else None
-    side |= classification_metrics(result) if result else {}
+    models = tuple(losses)  # both, or the base alone (--part base)
+    base, tuned = losses["base"]["scored"], losses.get("finetuned", {"scored": {}, "train": {}})["scored"]
+    ratio = base["loss"] / tuned["loss"] if base["loss"] is not None and tuned.get("loss") else None
+    side = {name: {m: losses[m]["scored"][key] for m in models} | {"rows": base["rows"]}
+            for name, key in (("answer_loss", "loss"), ("perplexity", "perplexity"))}
+    side |= text_metrics(samples, models)
+    result = classification(samples, labels[0], models) if labels[0] and samples else None
+    side |= classification_metrics(result, models) if result else {}
     exact = side.get("exact_match", {})
     return {
         "base_model": base_dir, "finetuned": cfg.finetuned, "merged": cfg.merged, "dtype": dtype_name(dtype),
         "data_format": fmt, "scored_on": scored, "metrics": side, "classification": result,
         "labels_source": labels[1], "lm_eval": lm_eval,
         # flat keys that the summary, the model card and older readers use (the scored rows: test or eval)
-        "base_eval_loss": base["loss"], "finetuned_eval_loss": tuned["loss"],
-        "base_perplexity": base["perplexity"], "finetuned_perplexity": tuned["perplexity"],
+        "base_eval_loss": base["loss"], "finetuned_eval_loss": tuned.get("loss"),
+        "base_perplexity": base["perplexity"], "finetuned_perplexity": tuned.get("perplexity"),
         "eval_loss_ratio": ratio, "eval_loss_rows": base["rows"], "eval_loss_tokens": base["tokens"],
-        "base_train_loss": losses["base"]["train"]["loss"], "finetuned_train_loss": losses["finetuned"]["train"]["loss"],
+        "base_train_loss": losses["base"]["train"]["loss"],
+        "finetuned_train_loss": losses.get("finetuned", {"train": {}})["train"].get("loss"),
         "train_loss_rows": losses["base"]["train"]["rows"],
         "base_eval_exact_match": exact.get("base"), "eval_exact_match": exact.get("finetuned"),
         "base_eval_token_f1": side.get("token_f1", {}).get("base"),
@@ -177,13 +211,15 @@ def main(cfg: Config) -> dict:
     start = time.time()
     check_options(cfg)
     base_dir = model_dir(cfg.model_json)
-    check_finetuned(cfg.finetuned, cfg.merged)
+    if cfg.part != "base":
+        check_finetuned(cfg.finetuned, cfg.merged)
     # of the training rows only the first max_train_rows are scored: only they are held in memory
     train_rows = read_rows(cfg.train_data, cfg.max_train_rows)
     eval_rows, test_rows = read_rows(cfg.eval_data), read_rows(cfg.test_data)
     formats = {path: found for path, found in (
         (cfg.train_data, file_format(cfg.train_data, train_rows, complete=False)),
-        (cfg.eval_data, file_format(cfg.eval_data, eval_rows)), (cfg.test_data, file_format(cfg.test_data, test_rows)),
+        (cfg.eval_data, file_format(cfg.eval_data, eval_rows)),
+        (cfg.test_data, file_format(cfg.test_data, test_rows, other_columns=True)),
     ) if found}
     if len(set(formats.values())) > 1:
         raise StageError("the data files hold rows of different formats: "
@@ -196,11 +232,13 @@ def main(cfg: Config) -> dict:
     every = [(n, reference(r) or "") for n, r in enumerate(test_rows or eval_rows, start=1) if fmt != "text"]
     if cfg.labels:  # the whole file, before any model is loaded
         check_references(every, cfg.labels, path)
+    groups = group_values(rows, cfg.group_field, path) if cfg.group_field else None
+    grouped = {g: i for g, i in members(groups).items() if len(i) >= cfg.group_min_rows} if groups else {}
     references = every[: len(rows)]
     labels = label_set([ref for _, ref in references], cfg.labels, cfg.max_detected_labels) if references else \
         (None, "none: no reference answers")
     dtype = resolve_dtype(cfg.dtype)
-    tokenizer = load_tokenizer(cfg.finetuned, base_dir)
+    tokenizer = load_tokenizer(cfg.finetuned or base_dir, base_dir)
     rendered = [render(r, tokenizer, fmt) for r in rows]
     encoded = [encode(tokenizer, r, fmt, cfg.max_length) for r in rendered]
     train_encoded = [encode(tokenizer, render(r, tokenizer, fmt), fmt, cfg.max_length)
@@ -208,45 +246,74 @@ def main(cfg: Config) -> dict:
     skipped = ("text rows have no separate answer to compare a generation with" if fmt == "text"
                else "no rows to answer" if not rows else None)
     prompts = [prompt_ids(tokenizer, r, fmt) for r in rendered] if not skipped else []
+    settings = settings_of(cfg, fmt, dtype)
+    key = parts.digest(settings, encoded, train_encoded, prompts)
 
     def passes(model: Any, name: str) -> dict:
         pad, budget = tokenizer.pad_token_id, cfg.max_batch_tokens
         scores = {"scored": answer_loss(model, encoded, pad, budget), "train": answer_loss(model, train_encoded, pad, budget)}
+        if groups:
+            scores["groups"] = {g: answer_loss(model, [encoded[i] for i in index], pad, budget)
+                                for g, index in grouped.items()}
         if prompts:
             log.info("%s model: %d greedy answers (up to %d tokens, batch %d)", name, len(prompts), cfg.max_new_tokens,
                      cfg.batch_size)
             scores["answers"] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.max_length, cfg.batch_size)
         return scores
 
-    log.info("scoring the base model %s on %s", base_dir, scored["description"])
-    base = load_model(base_dir, dtype, "base model")
-    if cfg.merged:
-        base_scores = passes(base, "base")
-        del base
-        free()
-        log.info("scoring the merged model %s", cfg.finetuned)
-        model = load_model(cfg.finetuned, dtype, "merged model")
+    stored = None
+    if cfg.part == "finetuned":
+        stored, base_scores = parts.read_base(cfg.base_metrics, cfg.base_samples, base_dir, settings, key,
+                                              [r.prompt for r in rendered] if prompts else [])
+        log.info("the base model's side from %s (%s)", cfg.base_metrics, scored["description"])
+        if cfg.merged:
+            log.info("scoring the merged model %s", cfg.finetuned)
+            model = load_model(cfg.finetuned, dtype, "merged model")
+        else:
+            log.info("scoring base + adapter %s", cfg.finetuned)
+            model = load_adapter(load_model(base_dir, dtype, "base model"), cfg.finetuned)
     else:
-        model = load_adapter(base, cfg.finetuned)
-        with model.disable_adapter():
-            base_scores = passes(model, "base")
-        log.info("scoring base + adapter %s", cfg.finetuned)
-    tuned_scores = passes(model, "fine-tuned")
+        log.info("scoring the base model %s on %s", base_dir, scored["description"])
+        base = load_model(base_dir, dtype, "base model")
+        if cfg.merged or cfg.part == "base":
+            base_scores = passes(base, "base")
+            model = base  # --part base: what `device` and the freeing below see
+            del base
+            if cfg.part == "both":
+                del model
+                free()
+                log.info("scoring the merged model %s", cfg.finetuned)
+                model = load_model(cfg.finetuned, dtype, "merged model")
+        else:
+            model = load_adapter(base, cfg.finetuned)
+            with model.disable_adapter():
+                base_scores = passes(model, "base")
+            log.info("scoring base + adapter %s", cfg.finetuned)
+    scores = {"base": base_scores}
+    if cfg.part != "base":
+        scores["finetuned"] = passes(model, "fine-tuned")
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     del model
     free()
     notes += [f"generation skipped: {skipped}"] * bool(skipped)
-    answers = {"base": base_scores.get("answers", []), "finetuned": tuned_scores.get("answers", [])}
-    samples = sample_rows(scored["split"], rendered, [question_of(r) for r in rows], answers, labels[0]) \
+    answers = {name: part.get("answers", []) for name, part in scores.items()}
+    samples = sample_rows(scored["split"], rendered, [question_of(r) for r in rows], answers, labels[0], groups) \
         if prompts else []
     lm_eval = harness.run_tasks(cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.lm_eval_include_path,
                                 lm_eval_models(cfg, base_dir, dtype), device, cfg.batch_size,
-                                str(Path(cfg.samples_out).parent / "lm_eval"))
+                                str(Path(cfg.samples_out).parent / "lm_eval"), known=(stored or {}).get("lm_eval"))
     if lm_eval and lm_eval["skipped"]:
         notes.append(f"lm-eval skipped: {lm_eval['skipped']}")
-    metrics = metrics_of(cfg, base_dir, dtype, fmt, scored, {"base": base_scores, "finetuned": tuned_scores}, samples,
-                         skipped, labels, lm_eval, notes, start)
+    metrics = metrics_of(cfg, base_dir, dtype, fmt, scored, scores, samples, skipped, labels, lm_eval, notes, start)
+    if groups:
+        metrics["groups"] = group_metrics(cfg.group_field, cfg.group_min_rows, groups, samples,
+                                          {m: part["groups"] for m, part in scores.items()}, labels[0], tuple(scores))
     write_jsonl(cfg.samples_out, samples)
+    if cfg.part == "base":
+        record = parts.base_record(metrics, base_scores, settings, key)
+        write_json(cfg.metrics_out, record)
+        log.info("\n%s", table(summary_rows(metrics), title="evaluation: the base model (--part base)"))
+        return record
     if cfg.samples_csv:
         write_samples_csv(cfg.samples_csv, samples)
     write_json(cfg.metrics_out, metrics)

@@ -29,6 +29,8 @@ class Config:
     run_dir: str = field(metadata={"help": "the run's directory ({output_dir}/{run_name})"})
     config_json: str = field(metadata={"help": "the effective configuration as JSON"})
     out_dir: str = field(metadata={"help": "where the figures and pages go"})
+    data_report: str = field(default="", metadata={
+        "help": "the data report, when not {run_dir}/data/report.json (an experiment's runs share prepared data)"})
     evaluate: bool = option("evaluate.enabled")
     mlflow: bool = option("tracking.mlflow")
     mlflow_experiment: str = option("tracking.experiment")
@@ -42,7 +44,7 @@ def main(cfg: Config) -> dict:
     run = Path(cfg.run_dir)
     inputs = {
         "train": read_json(run / "metrics" / "train.json", "train metrics"),
-        "data": read_json(run / "data" / "report.json", "data report"),
+        "data": read_json(Path(cfg.data_report) if cfg.data_report else run / "data" / "report.json", "data report"),
         "evaluate": read_json(run / "metrics" / "evaluate.json", "evaluate metrics") if cfg.evaluate else None,
         "samples": read_jsonl(run / "eval" / "samples.jsonl") if cfg.evaluate else [],
         "merge": read_json(p, "merge report") if (p := run / "metrics" / "merge.json").is_file() else None,

@@ -16,7 +16,8 @@ any column named `prompt` as prompt/completion data). The held-out rows are the 
 validation/eval/test split when it has one (dataset.eval_split), else dataset.eval_fraction of the rows; held-out
 rows that repeat a training row are dropped. The test set (dataset.test_path, else the dataset's test split,
 dataset.test_split) is read, checked row by row against the training format and cleaned the same way, without
-rows that repeat a training or held-out row; only the evaluate stage scores it (an empty test.jsonl: none). Outputs are written only after validation passes: a failure keeps
+rows that repeat a training or held-out row, keeping each row's other columns (a category, a source: what
+evaluate.group_field names); only the evaluate stage scores it (an empty test.jsonl: none). Outputs are written only after validation passes: a failure keeps
 the old ones.
 
 The rows stream (hpc_finetune.data.clean): the stage keeps per row a digest, an offset into a scratch file beside
@@ -197,8 +198,8 @@ def prepare(cfg: Config, spill: str, parts: list[Part]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     limits = Limits(cfg.max_seq_length, cfg.long_rows, cfg.max_dropped_fraction)
 
-    def clean_part(rows, where: str, exclude: set = frozenset()) -> Part:
-        parts.append(clean(rows, where, fmt, text_field, tokenizer, model, limits, spill, exclude))
+    def clean_part(rows, where: str, exclude: set = frozenset(), keep_columns: bool = False) -> Part:
+        parts.append(clean(rows, where, fmt, text_field, tokenizer, model, limits, spill, exclude, keep_columns))
         return parts[-1]
 
     return split_and_write(cfg, source, where, fmt, text_field, found, clean_part, spill)
@@ -230,7 +231,8 @@ def split_and_write(cfg: Config, source, where: str, fmt: str, text_field: str, 
     seen = train.keys  # the training rows' digests, and now the held-out rows' too
     if held:
         seen.update(held.kept.digests[i] for i in eval_pairs)
-    test, test_source = test_part(cfg, source, fmt, text_field, lambda rows, where: clean_part(rows, where, seen), spill)
+    test, test_source = test_part(cfg, source, fmt, text_field,  # the test rows keep their other columns
+                                  lambda rows, where: clean_part(rows, where, seen, keep_columns=True), spill)
     test_order = shuffled(rng, len(test.kept)) if test else []
     report = make_report(cfg, source, fmt, text_field, found, train, held, train_pairs, eval_pairs)
     report |= {"test_rows": len(test.kept) if test else 0, "test_source": test_source}

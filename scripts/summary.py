@@ -25,6 +25,8 @@ class Config:
     config_json: str = field(metadata={"help": "the effective configuration as JSON"})
     manifest_out: str = field(metadata={"help": "manifest to write (JSON), at the top of the run directory"})
     env_out: str = field(metadata={"help": "training.env to write"})
+    model_json: str = field(default="", metadata={
+        "help": "the model record, when not model/model.json in the run directory (an experiment's runs share it)"})
     workflow_commit: str = field(default="unknown", metadata={"help": "the workflow's git commit (from the workflow)"})
     artifacts: list[str] = field(default_factory=list, metadata={
         "help": "JSON list of the files and directories whose files the manifest lists (the stages' outputs), "
@@ -39,7 +41,7 @@ def main(cfg: Config) -> dict:
         raise StageError(f"--config-json is not valid JSON: {err}") from None
     write_text(cfg.env_out, env_text(effective))
     manifest_path = Path(cfg.manifest_out)
-    model = read_json(run_dir / "model" / "model.json", "model record")
+    model = read_json(Path(cfg.model_json) if cfg.model_json else run_dir / "model" / "model.json", "model record")
     metrics = load_metrics(run_dir)
     manifest = {
         "run_name": effective.get("run_name"),

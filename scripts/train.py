@@ -101,6 +101,8 @@ class Config:
     mlflow: bool = option("tracking.mlflow")
     mlflow_experiment: str = option("tracking.experiment")
     run_name: str = option("run_name")
+    mlflow_tags: dict = field(default_factory=dict, metadata={
+        "help": "JSON object of tags for the MLflow run (an experiment's run: its sweep values, README \"Experiments\")"})
 
 
 def main(cfg: Config, callbacks: tuple = ()) -> dict:

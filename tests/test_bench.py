@@ -67,6 +67,20 @@ def test_bench_data_measures_the_data_stage_and_the_train_loading(tmp_path, tiny
     assert size["peak_rss_mb"] > 100 and size["train_load_peak_rss_mb"] > 100 and size["train_load_s"] > 0
 
 
+def test_bench_workflow_runs_times_planning_experiments_of_n_runs(tmp_path):
+    """bench.py workflow --runs: a dry run of a sweep of N runs from nothing, one project each; the JSON has the
+    jobs each planned (6 per run, plus the shared model, data and base evaluation stages and the leaderboard)."""
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "tools" / "bench.py"), "workflow", "--runs", "1", "3",
+                           "--repeats", "1", "--work", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "3 runs (24 jobs)" in proc.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert {n: r["jobs"] for n, r in runs.items()} == {"1": 12, "3": 24}
+    assert all(r["dry_run_s"] > 0 and r["dry_run_cpu_s"] > 0 for r in runs.values())
+
+
 def test_default_levers_reach_sft_config(tmp_path):
     args = args_for(tmp_path)
     assert args.padding_free is False and args.max_length == 2048  # auto: padding-free only with flash attention

@@ -219,8 +219,10 @@ def test_a_good_test_set_and_labels_resolve(tmp_path: Path):
          "evaluate.labels 'routine' never occur(s) among the 2 reference answers (they use urgent)"),
         ([chat_row("a", "urgent"), chat_row("b", "maybe later")], {"labels": ["urgent", "routine"]},
          "row 2: the reference answer 'maybe later' is not one of evaluate.labels (urgent, routine)"),
+        ([chat_row("a", "urgent") | {"category": "skin"}, chat_row("b", "routine")], {"group_field": "category"},
+         "row 2: evaluate.group_field 'category' is missing or empty (the row has messages)"),
     ],
-    ids=["missing_fields", "empty", "label_never_occurs", "not_a_label"],
+    ids=["missing_fields", "empty", "label_never_occurs", "not_a_label", "no_group"],
 )
 def test_a_bad_test_set_names_the_file_and_row(tmp_path: Path, rows, evaluate, expected):
     path = write_test_set(tmp_path / "t.jsonl", rows)

@@ -33,6 +33,21 @@ def test_a_test_path_in_any_form_is_the_test_set(run, tmp_path, kind):
     assert not {str(r) for r in run.test} & {str(r) for r in run.rows()}
 
 
+def test_test_rows_keep_their_other_columns_for_group_metrics(run, tmp_path):
+    """A test row's other scalar columns (a category for evaluate.group_field) stay in test.jsonl; the training and
+    held-out rows keep none, and a test row that repeats a training row is still dropped (the digest leaves the
+    other columns out). A column a format reads, or a nested value, is not carried over."""
+    tagged = [row | {"category": f"c{i % 2}", "score": i, "nested": {"a": 1}, "text": "x"}
+              for i, row in enumerate(TEST)]
+    train = [row | {"category": "train"} for row in PC_ROWS]
+    report = run(write_jsonl(tmp_path / "train.jsonl", train), eval_fraction=0.25,
+                 test_path=str(write_jsonl(tmp_path / "test.jsonl", tagged + [PC_ROWS[3] | {"category": "x"}])))
+    assert sorted(run.test, key=str) == sorted([row | {"category": f"c{i % 2}", "score": i}
+                                                for i, row in enumerate(TEST)], key=str)
+    assert report["test_source"]["dropped"]["in_train"] == 1
+    assert all(set(row) == {"prompt", "completion"} for row in run.rows())
+
+
 def test_without_a_test_set_test_jsonl_is_empty(run, tmp_path):
     report = run(write_jsonl(tmp_path / "train.jsonl", PC_ROWS))
     assert run.test == [] and report["test_source"] == {"kind": "none"} and report["test_rows"] == 0

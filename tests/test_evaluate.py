@@ -4,7 +4,6 @@ classification metrics and the report on known values."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,8 @@ from hpc_finetune.evaluate.labels import UNMATCHED, detect, to_label
 from hpc_finetune.evaluate.metrics import classification, classification_metrics, sample_rows
 from hpc_finetune.evaluate.report import SAMPLE_COLUMNS, ahead, comparison_rows, fmt, write_samples_csv
 from hpc_finetune.evaluate.scoring import rouge_l, token_f1
-from support.common import adapter_inputs, demo_rows, write_rows
+from support.common import demo_rows, write_rows
+from support.evaluate_stage import make_work, read_csv, run
 
 METRIC_KEYS = {
     "base_eval_loss",
@@ -44,52 +44,7 @@ SIDE = ["answer loss", "perplexity", "exact match", "token F1", "ROUGE-L F"]
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_model) -> dict:
-    """Model record, chat train/eval/test data from the demo set, an adapter, and that adapter merged."""
-    import merge
-
-    root = tmp_path_factory.mktemp("evaluate")
-    work = adapter_inputs(root, tiny_model, eval_rows=(10, 13), train_rows=(0, 4)) | {"merged": root / "merged"}
-    work["test"] = write_rows(root / "test.jsonl", demo_rows(20, 25))
-    merge.main(
-        merge.Config(
-            model_json=work["model_json"],
-            adapter_dir=str(work["adapter"]),
-            eval_data=str(work["eval"]),
-            output_dir=str(work["merged"]),
-            report_out=str(root / "merge.json"),
-            dtype="float32",
-        )
-    )
-    return work
-
-
-def run(work: dict, name: str, **overrides) -> tuple[dict, list[dict]]:
-    import evaluate
-
-    values = dict(
-        model_json=work["model_json"],
-        finetuned=str(work["merged"]),
-        train_data=str(work["train"]),
-        eval_data=str(work["eval"]),
-        metrics_out=str(work["root"] / f"{name}.json"),
-        samples_out=str(work["root"] / f"{name}.samples.jsonl"),
-        samples_csv=str(work["root"] / f"{name}.samples.csv"),
-        report_out=str(work["root"] / f"{name}.report.txt"),
-        num_samples=3,
-        max_new_tokens=8,
-        merged=True,
-        dtype="float32",
-    )
-    values.update(overrides)
-    metrics = evaluate.main(evaluate.Config(**values))
-    assert json.loads(Path(values["metrics_out"]).read_text()) == json.loads(json.dumps(metrics))
-    lines = Path(values["samples_out"]).read_text().splitlines()
-    return metrics, [json.loads(line) for line in lines]
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return list(csv.DictReader(fh))
+    return make_work(tmp_path_factory.mktemp("evaluate"), tiny_model)
 
 
 @pytest.fixture(scope="module")

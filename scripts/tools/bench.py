@@ -4,6 +4,7 @@ merge_and_unload, and the workflow's own overhead.
     python scripts/tools/bench.py train [--preset auto] [--steps 12] [--warmup 3] [--out results/bench/train.json]
     python scripts/tools/bench.py merge [--arch llama-1b] [--out results/bench/merge.json]
     python scripts/tools/bench.py workflow [--directory .] [--out results/bench/workflow.json]
+    python scripts/tools/bench.py workflow --runs 1 10 50 [--out results/bench/workflow-runs.json]
     python scripts/tools/bench.py data [--rows 20000 200000 1000000] [--out results/bench/data.json]
 
 train: for the architecture of a preset (random weights of the real config: nothing is downloaded), runs N
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> Any:
     wf.add_argument("--profile", default="profiles/local")
     wf.add_argument("--repeats", type=int, default=3)
     wf.add_argument("--snakemake-args", nargs="*", default=[])
+    wf.add_argument("--runs", type=int, nargs="+", help="instead: dry-run time of experiments of N runs (e.g. 1 10 50)")
+    wf.add_argument("--work", default="results/bench", help="where --runs makes its projects")
     wf.add_argument("--out", default="results/bench/workflow.json")
     dt = sub.add_parser("data", help="the data stage's rows/s and peak RSS on generated demo-shaped rows")
     dt.add_argument("--rows", type=int, nargs="+", default=[20000, 200000, 1000000], help="dataset sizes")

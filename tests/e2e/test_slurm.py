@@ -38,7 +38,8 @@ GPU_STAGES = ("preflight", "train", "merge", "evaluate")
 # beyond the demo's training (480 steps: ~1 min idle, 25 min on a loaded 2-core machine, where a 20-minute limit
 # stopped it at 15 min and the retry made the demo's first train job FAILED): only the time-limit test meets one.
 DEMO_RESOURCES = ("resources__gpus=1", "resources__train_mem_mb=3000", "resources__train_runtime=120")
-SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/\d+\.log)\)")
+# the plugin's job log: .snakemake/slurm_logs/rule_<rule>/[<wildcard values>/]<job id>.log
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+/rule_(\w+)/(?:\S+/)?\d+\.log)\)")
 
 
 @dataclass
@@ -114,7 +115,8 @@ def test_every_stage_ran_as_a_slurm_job(slurm_demo):
         assert (run_dir / path).is_file(), path
     for rule, job, log in slurm_demo.jobs:
         record = slurm_cluster.scontrol_job(job)
-        assert record["JobState"] == "COMPLETED" and record["Comment"] == f"rule_{rule}", record
+        # the comment names the stage and its run (or shared stage's key): rule_train_wildcards_demo
+        assert record["JobState"] == "COMPLETED" and record["Comment"].startswith(f"rule_{rule}_wildcards_"), record
         assert log.is_file(), f"{rule}: job log {log} missing"
 
 
@@ -249,6 +251,21 @@ def test_two_processes_in_one_slurm_job(slurm_demo, tmp_path):
     merge = metrics(workdir, "merge")
     assert merge["max_abs_logit_diff"] <= 1e-3, merge
     assert (workdir / "results" / "demo" / "merged" / "model.safetensors").is_file()
+
+
+def test_the_train_jobs_of_an_experiments_runs_are_in_the_queue_at_the_same_time(cluster, tmp_path):
+    """An experiment of two runs (README, "Experiments"): each run's train job is submitted as soon as its inputs
+    exist, not after the other run's: both are in Slurm's queue at once (submitted before either ended)."""
+    workdir = fresh_project(tmp_path / "experiment")
+    with open(workdir / "config.yaml", "a") as fh:
+        fh.write("sweep:\n  training.learning_rate: [0.005, 0.05]\ntraining:\n  max_steps: 4\n"
+                 "  eval_steps: 2\n  save_steps: 4\n")
+    run = slurm_snakemake(workdir, "results/lr5e-3/metrics/train.json", "results/lr0.05/metrics/train.json",
+                          "--config", *DEMO_RESOURCES)
+    assert [rule for rule, _, _ in run.jobs].count("build_demo_model") == 1  # the shared stages once
+    records = [slurm_cluster.scontrol_job(job) for job in run.job_ids("train")]
+    assert len(records) == 2, [rule for rule, _, _ in run.jobs]
+    assert max(r["SubmitTime"] for r in records) < min(r["EndTime"] for r in records), records
 
 
 def trainer_pid(workdir: Path) -> int | None:

@@ -36,11 +36,16 @@ def run_workflow(workdir: Path, *args: str, profile: str = "local", env: dict | 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
     """Rule names from the 'Job stats' table of a dry run; empty when there is nothing to do."""
+    return set(planned_counts(result))
+
+
+def planned_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """{rule: number of jobs} from the 'Job stats' table of a dry run; empty when there is nothing to do."""
     text = result.stdout + result.stderr
     if "Nothing to be done" in text:
-        return set()
+        return {}
     table = text.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.M)} - {"job"}
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
 def copy_project(demo: Path, dst: Path) -> Path:

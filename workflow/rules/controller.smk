@@ -9,12 +9,15 @@
 # - exit (every invocation): the manifest compared with the disk; a run that leaves files it lists missing
 #   says which and how to rebuild them, and exits non-zero.
 
+# One controller per run (an experiment's runs each have their directory, manifest and lock).
 if workflow.is_main_process:
-    CONTROLLER = Controller(
-        out(config), list(summary_inputs(config).values()), workflow
-    )
-    CONTROLLER.at_parse()
-    atexit.register(CONTROLLER.at_exit)
+    CONTROLLERS = [
+        Controller(out(cfg), list(summary_inputs(cfg).values()), workflow)
+        for cfg in TRAINED.values()
+    ]
+    for _controller in CONTROLLERS:
+        _controller.at_parse()
+        atexit.register(_controller.at_exit)
 
 
 # The workflow's only onstart handler: Snakemake keeps the last one defined (tests/test_controller.py checks it).
@@ -27,6 +30,7 @@ onstart:
         sys.exit(_problem)
     if workflow.is_main_process:
         try:
-            CONTROLLER.on_start()
+            for _controller in CONTROLLERS:
+                _controller.on_start()
         except RunInUse as err:
             raise WorkflowError(str(err)) from None

@@ -1,49 +1,70 @@
 # Evaluate stage: the base and the fine-tuned model side by side on the test set (data/test.jsonl; when it is
 # empty, the held-out eval rows): answer loss, both models' greedy answers scored per sample, label metrics for
 # classification-style answers, optional lm-eval tasks; metrics JSON, per-sample JSONL and CSV, a text report.
+# A single run evaluates both in one job. In an experiment the base model's part is shared (rule evaluate_base,
+# one per base model, test set and evaluate settings: {bkey}) and each run's job evaluates its fine-tuned model
+# against it (`--part finetuned`).
 
 
 rule evaluate:
     input:
-        model=out(config, "model", "model.json"),
-        finetuned=final_model(config),
-        train=out(config, "data", "train.jsonl"),
-        eval=out(config, "data", "eval.jsonl"),
-        test=out(config, "data", "test.jsonl"),
+        unpack(evaluate_inputs),
         script=script("evaluate"),
         code=code_inputs("evaluate"),
         image=CONTAINER_IMAGE,
     output:
-        metrics=out(config, "metrics", "evaluate.json"),
-        samples=out(config, "eval", "samples.jsonl"),
-        csv=out(config, "eval", "samples.csv"),
-        report=out(config, "eval", "report.txt"),
+        metrics=out(RUN, "metrics", "evaluate.json"),
+        samples=out(RUN, "eval", "samples.jsonl"),
+        csv=out(RUN, "eval", "samples.csv"),
+        report=out(RUN, "eval", "report.txt"),
     log:
-        out(config, "logs", "evaluate.log"),
+        out(RUN, "logs", "evaluate.log"),
     benchmark:
-        out(config, "benchmarks", "evaluate.tsv")
+        out(RUN, "benchmarks", "evaluate.tsv")
     conda:
         "../envs/finetune.yaml"
     resources:
+        **gpu_resources(of_run),
         in_image=IN_IMAGE,
-        mem_mb=scaled(config, RESOURCES["gpu_mem_mb"]),
-        runtime=scaled(config, RESOURCES["gpu_runtime"]),
-        gpu=RESOURCES["gpus"],
     params:
-        args=stage_args(
-            **pick(
-                EVALUATE,
-                "num_samples",
-                "max_new_tokens",
-                "batch_size",
-                "labels",
-                "max_detected_labels",
-            ),
-            **pick(EVALUATE, "lm_eval_tasks", "lm_eval_limit", "lm_eval_include_path"),
-            merged=MERGE["merge_full_weights"],
+        # in an experiment the base side comes from rule evaluate_base
+        args=lambda wildcards, input: evaluate_args(of_run(wildcards))
+        + (
+            f" --part finetuned --base-metrics {input.base_metrics} --base-samples {input.base_samples}"
+            if EXPERIMENT
+            else ""
         ),
     shell:
-        "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
-        " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
+        "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"
+        " --finetuned {input.finetuned} --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
         " --metrics-out {output.metrics} --samples-out {output.samples} --samples-csv {output.csv}"
         " --report-out {output.report} > {log} 2>&1"
+
+
+rule evaluate_base:
+    input:
+        model=lambda wildcards: model_out(of_base(wildcards), "model.json"),
+        train=lambda wildcards: data_out(of_base(wildcards), "train.jsonl"),
+        eval=lambda wildcards: data_out(of_base(wildcards), "eval.jsonl"),
+        test=lambda wildcards: data_out(of_base(wildcards), "test.jsonl"),
+        script=script("evaluate"),
+        code=code_inputs("evaluate"),
+        image=CONTAINER_IMAGE,
+    output:
+        metrics=f"{OUT}/{{bkey}}/eval/base.json",
+        samples=f"{OUT}/{{bkey}}/eval/base.jsonl",
+    log:
+        f"{OUT}/{{bkey}}/logs/evaluate_base.log",
+    benchmark:
+        f"{OUT}/{{bkey}}/benchmarks/evaluate_base.tsv"
+    conda:
+        "../envs/finetune.yaml"
+    resources:
+        **gpu_resources(of_base),
+        in_image=IN_IMAGE,
+    params:
+        args=lambda wildcards: evaluate_args(of_base(wildcards), finetuned=False),
+    shell:
+        "{resources.in_image}python {input.script} {params.args} --part base --model-json {input.model}"
+        " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
+        " --metrics-out {output.metrics} --samples-out {output.samples} > {log} 2>&1"

@@ -6,33 +6,35 @@
 
 rule hub_upload:
     input:
-        unpack(lambda wildcards: hub_upload_dirs(config)),
-        manifest=out(config, "manifest.json"),
-        model=out(config, "model", "model.json"),
-        report=out(config, "data", "report.json"),
-        evaluate=(
-            [out(config, "metrics", "evaluate.json")] if EVALUATE["enabled"] else []
+        unpack(lambda wildcards: hub_upload_dirs(of_run(wildcards))),
+        manifest=out(RUN, "manifest.json"),
+        model=lambda wildcards: model_out(of_run(wildcards), "model.json"),
+        report=lambda wildcards: data_out(of_run(wildcards), "report.json"),
+        evaluate=lambda wildcards: (
+            [out(of_run(wildcards), "metrics", "evaluate.json")]
+            if of_run(wildcards)["evaluate"]["enabled"]
+            else []
         ),
         script=script("hub_upload"),
         code=code_inputs("hub_upload"),
     output:
-        record=out(config, "hub_upload.json"),
+        record=out(RUN, "hub_upload.json"),
     log:
-        out(config, "logs", "hub_upload.log"),
+        out(RUN, "logs", "hub_upload.log"),
     benchmark:
-        out(config, "benchmarks", "hub_upload.tsv")
+        out(RUN, "benchmarks", "hub_upload.tsv")
     localrule: True
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=RESOURCES["cpu_mem_mb"],
-        runtime=RESOURCES["cpu_runtime"],
+        mem_mb=lambda wildcards: of_run(wildcards)["resources"]["cpu_mem_mb"],
+        runtime=lambda wildcards: of_run(wildcards)["resources"]["cpu_runtime"],
     params:
-        args=stage_args(
-            repo_id=HUB_UPLOAD["repo_id"],
-            **hub_upload_dirs(config),
+        args=lambda wildcards: stage_args(
+            repo_id=of_run(wildcards)["hub_upload"]["repo_id"],
+            **hub_upload_dirs(of_run(wildcards)),
             **pick(
-                HUB_UPLOAD,
+                of_run(wildcards)["hub_upload"],
                 "private",
                 "revision",
                 "commit_message",

@@ -1,33 +1,37 @@
 # Merge stage: reload the base unquantised, merge the adapter, save full weights, and prove that the merged
-# model's logits match base+adapter.
+# model's logits match base+adapter. One per run.
 
 
 rule merge:
     input:
-        model=out(config, "model", "model.json"),
-        adapters=out(config, "adapters"),
-        eval=out(config, "data", "eval.jsonl"),
+        model=lambda wildcards: model_out(of_run(wildcards), "model.json"),
+        adapters=out(RUN, "adapters"),
+        eval=lambda wildcards: data_out(of_run(wildcards), "eval.jsonl"),
         script=script("merge"),
         code=code_inputs("merge"),
         image=CONTAINER_IMAGE,
     output:
-        merged=directory(out(config, "merged")),
-        report=out(config, "metrics", "merge.json"),
+        merged=directory(out(RUN, "merged")),
+        report=out(RUN, "metrics", "merge.json"),
     log:
-        out(config, "logs", "merge.log"),
+        out(RUN, "logs", "merge.log"),
     benchmark:
-        out(config, "benchmarks", "merge.tsv")
+        out(RUN, "benchmarks", "merge.tsv")
     conda:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=scaled(config, RESOURCES["gpu_mem_mb"]),
-        runtime=scaled(config, RESOURCES["gpu_runtime"]),
-        gpu=RESOURCES["gpus"],
+        mem_mb=lambda wildcards, attempt: scaled(
+            of_run(wildcards), of_run(wildcards)["resources"]["gpu_mem_mb"]
+        )(wildcards, attempt),
+        runtime=lambda wildcards, attempt: scaled(
+            of_run(wildcards), of_run(wildcards)["resources"]["gpu_runtime"]
+        )(wildcards, attempt),
+        gpu=lambda wildcards: of_run(wildcards)["resources"]["gpus"],
     params:
-        args=stage_args(
+        args=lambda wildcards: stage_args(
             **pick(
-                MERGE,
+                of_run(wildcards)["merge"],
                 "merged_save_format",
                 "dtype",
                 "max_shard_size",

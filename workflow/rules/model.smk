@@ -2,53 +2,32 @@
 # Sources: demo (build the tiny model), local (a directory), hub (a git-lfs clone into the shared cache,
 # scripts/hub_cache.py). `model` is a CPU job of its own so that a profile can send it where the network is
 # (a login or transfer partition) while the GPU stages run on nodes without internet.
-
-# What the base model is: a change re-runs the model stage and every stage after it.
-MODEL_SETTINGS = (
-    pick(
-        MODEL, "source", "model_id", "revision", "model_cache_dir", "trust_remote_code"
-    )
-    if MODEL["source"] == "hub"
-    else {
-        **pick(MODEL, "source", "model_id", "revision", "trust_remote_code"),
-        "path": (
-            out(config, "model", "demo") if MODEL["source"] == "demo" else MODEL["path"]
-        ),
-    }
-)
-# How to fetch a hub model, not what it is. Passed as a resource, which Snakemake does not compare between
-# runs (params it does): a new mirror URL, token file or disk reserve, or asking for an update, re-runs
-# nothing by itself and takes effect when the model stage runs. The token is never here: the job reads it
-# from HF_TOKEN or from the token file.
-HUB_FETCH = (
-    stage_args(**pick(MODEL, "hub_url", "token_file", "update", "min_free_gb"))
-    if MODEL["source"] == "hub"
-    else ""
-)
+# One per model, not per run: {mkey} is the run's name for a single run, else the content key of what the model
+# is (README, "Experiments"), so the runs of an experiment that use one model fetch it once.
 
 
 rule build_demo_model:
     input:
-        data=DATA.inputs,
+        data=lambda wildcards: data_of(of_model(wildcards)).inputs,
         script=script("build_demo_model"),
         code=code_inputs("build_demo_model"),
         image=CONTAINER_IMAGE,
     output:
-        directory(out(config, "model", "demo")),
+        directory(f"{OUT}/{{mkey}}/model/demo"),
     log:
-        out(config, "logs", "build_demo_model.log"),
+        f"{OUT}/{{mkey}}/logs/build_demo_model.log",
     conda:
         "../envs/finetune.yaml"
     resources:
         in_image=IN_IMAGE,
-        mem_mb=RESOURCES["cpu_mem_mb"],
-        runtime=RESOURCES["cpu_runtime"],
+        mem_mb=lambda wildcards: of_model(wildcards)["resources"]["cpu_mem_mb"],
+        runtime=lambda wildcards: of_model(wildcards)["resources"]["cpu_runtime"],
     params:
         # the tokenizer is trained on the dataset's text, read as the data stage reads it
-        args=stage_args(
-            data=DATA.path,
+        args=lambda wildcards: stage_args(
+            data=data_of(of_model(wildcards)).path,
             **pick(
-                DATASET,
+                of_model(wildcards)["dataset"],
                 "format",
                 "text_field",
                 "split",
@@ -62,20 +41,24 @@ rule build_demo_model:
 
 rule model:
     input:
-        demo=out(config, "model", "demo") if MODEL["source"] == "demo" else [],
+        demo=lambda wildcards: (
+            model_out(of_model(wildcards), "demo")
+            if of_model(wildcards)["model"]["source"] == "demo"
+            else []
+        ),
         script=script("prepare_model"),
         code=code_inputs("prepare_model"),
     output:
-        out(config, "model", "model.json"),
+        f"{OUT}/{{mkey}}/model/model.json",
     log:
-        out(config, "logs", "model.log"),
+        f"{OUT}/{{mkey}}/logs/model.log",
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=RESOURCES["cpu_mem_mb"],
-        runtime=RESOURCES["cpu_runtime"],
-        hub_fetch=HUB_FETCH,
+        mem_mb=lambda wildcards: of_model(wildcards)["resources"]["cpu_mem_mb"],
+        runtime=lambda wildcards: of_model(wildcards)["resources"]["cpu_runtime"],
+        hub_fetch=lambda wildcards: hub_fetch(of_model(wildcards)),
     params:
-        args=stage_args(**MODEL_SETTINGS),
+        args=lambda wildcards: stage_args(**model_settings(of_model(wildcards))),
     shell:
         "python {input.script} {params.args} {resources.hub_fetch} --output {output} > {log} 2>&1"

@@ -1,28 +1,36 @@
 # Summary stage: the manifest (sha256 of every artifact, key metrics) and training.env (effective config,
-# secrets redacted), with a table at the end of the log.
+# secrets redacted), with a table at the end of the log. One per run; in an experiment the manifest also lists
+# the shared model and data the run used (../_shared/...).
 
 
 rule summary:
     input:
-        **summary_inputs(config),
+        unpack(lambda wildcards: summary_inputs(of_run(wildcards))),
         script=script("summary"),
         code=code_inputs("summary"),
     output:
-        manifest=out(config, "manifest.json"),
-        env=out(config, "training.env"),
+        manifest=out(RUN, "manifest.json"),
+        env=out(RUN, "training.env"),
     log:
-        out(config, "logs", "summary.log"),
+        out(RUN, "logs", "summary.log"),
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=RESOURCES["cpu_mem_mb"],
-        runtime=RESOURCES["cpu_runtime"],
+        mem_mb=lambda wildcards: of_run(wildcards)["resources"]["cpu_mem_mb"],
+        runtime=lambda wildcards: of_run(wildcards)["resources"]["cpu_runtime"],
         # the workflow's commit, for the manifest; a resource: a new commit alone re-runs nothing
         commit=lambda wildcards: project_commit(),
     params:
-        config=summary_config(config),
+        config=lambda wildcards: summary_config(of_run(wildcards)),
         # what the manifest lists: the files of these inputs (the run's targets) and training.env
-        artifacts=stage_args(artifacts=list(summary_inputs(config).values())),
+        artifacts=lambda wildcards: stage_args(
+            artifacts=list(summary_inputs(of_run(wildcards)).values()),
+            **(
+                {"model_json": model_out(of_run(wildcards), "model.json")}
+                if EXPERIMENT
+                else {}
+            ),
+        ),
     shell:
         "python {input.script} --config-json {params.config:q} {params.artifacts}"
         " --manifest-out {output.manifest} --env-out {output.env} --workflow-commit {resources.commit}"

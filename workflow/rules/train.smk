@@ -4,52 +4,56 @@
 # leaves no shell between Snakemake and the launcher. The launcher runs on the host (srun and squeue are not in
 # the image) and puts the container prefix in front of what it starts, after srun. In a Slurm job the launcher
 # has training checkpoint and stop resources.train_stop_before seconds before the time limit; the next run (or a
-# retry) resumes.
+# retry) resumes. One per run: the train jobs of an experiment's runs are independent, so Slurm gets each as soon
+# as its inputs exist.
 
 
 rule train:
     input:
-        model=out(config, "model", "model.json"),
-        train=out(config, "data", "train.jsonl"),
-        eval=out(config, "data", "eval.jsonl"),
-        preflight=out(config, "preflight.json"),
+        model=lambda wildcards: model_out(of_run(wildcards), "model.json"),
+        train=lambda wildcards: data_out(of_run(wildcards), "train.jsonl"),
+        eval=lambda wildcards: data_out(of_run(wildcards), "eval.jsonl"),
+        preflight=out(RUN, "preflight.json"),
         script=script("train"),
         launcher=script("launch"),
         code=code_inputs("train", "launch"),
         image=CONTAINER_IMAGE,
     output:
-        adapters=directory(out(config, "adapters")),
-        metrics=out(config, "metrics", "train.json"),
-        resources=out(config, "metrics", "resources.csv"),
+        adapters=directory(out(RUN, "adapters")),
+        metrics=out(RUN, "metrics", "train.json"),
+        resources=out(RUN, "metrics", "resources.csv"),
     log:
-        out(config, "logs", "train.log"),
+        out(RUN, "logs", "train.log"),
     benchmark:
-        out(config, "benchmarks", "train.tsv")
+        out(RUN, "benchmarks", "train.tsv")
     conda:
         "../envs/finetune.yaml"
-    threads: max(1, RESOURCES["cpus_per_gpu"] * max(1, RESOURCES["gpus"]))
+    threads: train_threads
     resources:
-        **train_placement(config),
+        **PLACEMENT,
         in_image=IN_IMAGE,
         # the floor, plus the prepared rows memory-mapped (README, "Data at any size")
-        mem_mb=follows_data(config, RESOURCES["train_mem_mb"], ("train", "eval"), 1.0),
-        runtime=scaled(config, RESOURCES["train_runtime"]),
-        stop_before=RESOURCES["train_stop_before"],
-        # how the run is watched (README, "Seeing a run"): a resource, so turning MLflow on re-runs nothing
-        watch=stage_args(
-            resource_interval_s=TRACKING["resource_interval_s"],
-            mlflow=TRACKING["mlflow"],
-            mlflow_experiment=TRACKING["experiment"],
-            run_name=config["run_name"],
-        ),
+        mem_mb=lambda wildcards, input, attempt: follows_data(
+            of_run(wildcards),
+            of_run(wildcards)["resources"]["train_mem_mb"],
+            ("train", "eval"),
+            1.0,
+        )(wildcards, input, attempt),
+        runtime=lambda wildcards, attempt: scaled(
+            of_run(wildcards), of_run(wildcards)["resources"]["train_runtime"]
+        )(wildcards, attempt),
+        stop_before=lambda wildcards: of_run(wildcards)["resources"][
+            "train_stop_before"
+        ],
+        watch=lambda wildcards: train_watch(of_run(wildcards)),
     params:
-        args=stage_args(**TRAINING),
-        launch=stage_args(
-            **pick(RESOURCES, "gpus", "nodes"),
-            processes=RESOURCES["processes_per_node"],
+        args=lambda wildcards: stage_args(**of_run(wildcards)["training"]),
+        launch=lambda wildcards: stage_args(
+            **pick(of_run(wildcards)["resources"], "gpus", "nodes"),
+            processes=of_run(wildcards)["resources"]["processes_per_node"],
         ),
-        checkpoints=out(config, "checkpoints"),
-        tensorboard=out(config, "logs", "tensorboard"),
+        checkpoints=out(RUN, "checkpoints"),
+        tensorboard=out(RUN, "logs", "tensorboard"),
     shell:
         "exec python {input.launcher} {params.launch} --in-image={resources.in_image:q}"
         " --stop-before {resources.stop_before} --lock {params.checkpoints}/.lock --preflight {input.preflight} --"

@@ -5,29 +5,27 @@
 
 rule upload:
     input:
-        dirs=upload_dirs(config),
-        manifest=out(config, "manifest.json"),
+        dirs=lambda wildcards: upload_dirs(of_run(wildcards)),
+        manifest=out(RUN, "manifest.json"),
         script=script("upload"),
         code=code_inputs("upload"),
     output:
-        record=out(config, "upload.json"),
+        record=out(RUN, "upload.json"),
     log:
-        out(config, "logs", "upload.log"),
+        out(RUN, "logs", "upload.log"),
     benchmark:
-        out(config, "benchmarks", "upload.tsv")
+        out(RUN, "benchmarks", "upload.tsv")
     localrule: True
     conda:
         "../envs/finetune.yaml"
     resources:
-        mem_mb=RESOURCES["cpu_mem_mb"],
-        runtime=RESOURCES["cpu_runtime"],
+        mem_mb=lambda wildcards: of_run(wildcards)["resources"]["cpu_mem_mb"],
+        runtime=lambda wildcards: of_run(wildcards)["resources"]["cpu_runtime"],
     params:
-        args=stage_args(
-            bucket=UPLOAD["bucket"],
-            dirs=upload_dirs(config),
-            endpoint=UPLOAD["endpoint"],
-            region=UPLOAD["region"],
-            part_size_mb=UPLOAD["part_size_mb"],
+        args=lambda wildcards: stage_args(
+            bucket=of_run(wildcards)["upload"]["bucket"],
+            dirs=upload_dirs(of_run(wildcards)),
+            **pick(of_run(wildcards)["upload"], "endpoint", "region", "part_size_mb"),
         ),
     shell:
         "python {input.script} {params.args} --manifest {input.manifest} --record-out {output.record} > {log} 2>&1"

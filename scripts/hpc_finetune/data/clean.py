@@ -15,7 +15,7 @@ import math
 import os
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from hpc_finetune.data.source import is_empty, normalised
@@ -84,12 +84,34 @@ class Part:
     long: int  # rows over max_seq_length (dropped or truncated)
 
 
+# every column a format reads or writes (hpc_finetune.data.source.NORMALISE)
+FORMAT_COLUMNS = frozenset({"messages", "conversations", "prompt", "completion", "text", "instruction", "input",
+                            "output", "system"})
+
+
+def other_columns(row, text_field: str) -> dict:
+    """A test row's columns that no format reads (a category, a source, a group: what evaluate.group_field names),
+    with a scalar value; the format's columns, and any that a format reads, are never carried over."""
+    if not isinstance(row, dict):
+        return {}
+    return {k: v for k, v in row.items() if k not in FORMAT_COLUMNS and k != text_field
+            and isinstance(v, str | int | float | bool)}
+
+
 def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer, model: str, limits: Limits,
-          spill: str, exclude: set = frozenset()) -> Part:
+          spill: str, exclude: set = frozenset(), keep_columns: bool = False) -> Part:
     """Normalise, strip a leading BOS from text rows, drop empty and duplicate rows (and those in `exclude`: the
     digests of the training rows, for the held-out split), measure the tokens and apply dataset.long_rows. The kept
-    rows go to a file in the directory `spill`."""
+    rows go to a file in the directory `spill`. `keep_columns` (the test set): each row's other columns
+    (other_columns) are carried over into its normalised row; its digest leaves them out."""
     from hpc_finetune.data.tokens import Measure
+
+    raw: list = [None]  # the row being normalised
+
+    def tap(source: Iterable[dict]) -> Iterator[dict]:
+        for row in source:
+            raw[0] = row
+            yield row
 
     bos = tokenizer.bos_token
     counts: Counter = Counter()
@@ -116,12 +138,15 @@ def clean(rows: Iterable[dict], where: str, fmt: str, text_field: str, tokenizer
     try:
         number, rows_out = 0, []
         try:
-            for number, out in enumerate(normalised(rows, fmt, text_field, where), start=1):
+            source = tap(rows) if keep_columns else rows
+            for number, out in enumerate(normalised(source, fmt, text_field, where), start=1):
                 if fmt == "text" and bos and out["text"].startswith(bos):
                     out["text"] = out["text"][len(bos) :]
                     counts["bos_stripped"] += 1
                 line = (json.dumps(out, ensure_ascii=False) + "\n").encode()
                 key = digest(line)
+                if keep_columns and (extra := other_columns(raw[0], text_field)):
+                    line = (json.dumps(out | extra, ensure_ascii=False) + "\n").encode()
                 reason = "empty" if is_empty(out) else "duplicate" if key in seen else "in_train" if key in exclude else None
                 if reason:
                     counts[reason] += 1

@@ -35,12 +35,14 @@ class Rendered:
 SHAPES = {"messages": {"messages"}, "prompt_completion": {"prompt", "completion"}, "text": {"text"}}
 
 
-def detect_format(rows: list[dict], source: str = "data") -> str | None:
-    """The shape shared by every row (the data stage writes exactly these keys); None for no rows. An unknown or
-    mixed shape is a StageError naming the row."""
+def detect_format(rows: list[dict], source: str = "data", other_columns: bool = False) -> str | None:
+    """The shape shared by every row (the data stage writes exactly these keys; with other_columns, the test set,
+    also the row's other columns, none of them a shape's key); None for no rows. An unknown or mixed shape is a
+    StageError naming the row."""
     found = None
     for lineno, row in enumerate(rows, start=1):
-        fmt = next((name for name, keys in SHAPES.items() if set(row) == keys), None)
+        fmt = next((name for name, keys in SHAPES.items()
+                    if (keys <= set(row) if other_columns else set(row) == keys)), None)
         if fmt is None:
             raise StageError(f"{source} row {lineno}: keys {sorted(row)} are none of the row shapes "
                              f"{', '.join('+'.join(sorted(keys)) for keys in SHAPES.values())} (the data stage's output)")

@@ -72,25 +72,31 @@ def run_one(name: str, args: str, tasks: list[str], limit: int | None, include_p
 
 
 def run_tasks(tasks: list[str], limit: int | None, include_path: str | None, models: dict[str, str], device: str,
-              batch_size: int, out_dir: str) -> dict | None:
+              batch_size: int, out_dir: str, known: dict | None = None) -> dict | None:
     """{tasks, limit, skipped, results: {task: {metric: {base, finetuned, rows}}}}; None without tasks. models:
-    {"base": model_args, "finetuned": model_args}."""
+    {"base": model_args, "finetuned": model_args}, or one of them: the other side is None, or taken from `known`
+    (a result of an earlier call for the other model: the evaluate stage's base part)."""
     if not tasks:
         return None
     result = {"tasks": tasks, "limit": limit, "include_path": include_path, "skipped": None, "results": {}}
     if importlib.util.find_spec("lm_eval") is None:
         return result | {"skipped": f"lm-eval is not installed; {INSTALL_HINT}"}
+    if known and known.get("skipped"):
+        return result | {"skipped": known["skipped"]}
     if include_path and not Path(include_path).is_dir():
         return result | {"skipped": f"evaluate.lm_eval_include_path {include_path} is not a directory"}
-    per_model = {}
+    per_model = {name: {task: {metric: (value[name], value["rows"]) for metric, value in metrics.items()}
+                        for task, metrics in known["results"].items()}
+                 for name in ("base", "finetuned") if known and name not in models}
     for name, args in models.items():
         found, why = run_one(name, args, tasks, limit, include_path, device, batch_size, Path(out_dir) / name)
         if why:
             log.warning("lm-eval tasks skipped: %s", why)
             return result | {"skipped": why}
         per_model[name] = found
-    for task, metrics in per_model["base"].items():
-        tuned = per_model["finetuned"].get(task, {})
-        result["results"][task] = {metric: {"base": value, "finetuned": tuned.get(metric, (None,))[0], "rows": rows}
-                                   for metric, (value, rows) in metrics.items()}
+    first = next(iter(per_model.values()))
+    for task, metrics in first.items():
+        values = {name: per_model.get(name, {}).get(task, {}) for name in ("base", "finetuned")}
+        result["results"][task] = {metric: {name: values[name].get(metric, (None,))[0] for name in values} | {"rows": rows}
+                                   for metric, (_, rows) in metrics.items()}
     return result

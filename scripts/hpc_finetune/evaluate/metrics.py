@@ -17,44 +17,48 @@ SCORERS = {"exact": exact, "f1": token_f1, "rouge_l": rouge_l}
 
 
 def sample_rows(split: str, rendered: list, questions: list[str], answers: dict[str, list[str]],
-                labels: list[str] | None) -> list[dict]:
-    """One record per scored prompt: the prompt (as the model saw it, and the user's text), the reference, both
-    models' answers and their scores, and with labels the label each names."""
+                labels: list[str] | None, groups: list | None = None) -> list[dict]:
+    """One record per scored prompt: the prompt (as the model saw it, and the user's text), the reference, the
+    models' answers (answers: {model: answers}, both models or the base alone) and their scores, with labels the
+    label each names, with groups (evaluate.group_field) the row's group."""
+    models = tuple(answers)
     rows = []
     for index, (item, question) in enumerate(zip(rendered, questions, strict=True)):
         reference = item.reference or ""
         row = {"index": index, "split": split, "question": question, "prompt": item.prompt, "reference": reference}
-        row |= {f"{model}_answer": answers[model][index] for model in MODELS}
+        row |= {"group": groups[index]} if groups is not None else {}
+        row |= {f"{model}_answer": answers[model][index] for model in models}
         for key, score in SCORERS.items():
-            row |= {f"{model}_{key}": round(score(answers[model][index], reference), 4) for model in MODELS}
+            row |= {f"{model}_{key}": round(score(answers[model][index], reference), 4) for model in models}
         if labels:
             row["reference_label"] = to_label(reference, labels)
-            for model in MODELS:
+            for model in models:
                 row[f"{model}_label"] = to_label(answers[model][index], labels) or UNMATCHED
                 row[f"{model}_correct"] = float(row[f"{model}_label"] == row["reference_label"])
         rows.append(row)
     return rows
 
 
-def side(value_of, rows: int) -> dict:
-    return {model: value_of(model) for model in MODELS} | {"rows": rows}
+def side(value_of, rows: int, models: tuple[str, ...] = MODELS) -> dict:
+    return {model: value_of(model) for model in models} | {"rows": rows}
 
 
-def text_metrics(samples: list[dict]) -> dict:
+def text_metrics(samples: list[dict], models: tuple[str, ...] = MODELS) -> dict:
     """exact_match, token_f1, rouge_l: the mean over the samples, per model."""
     if not samples:
         return {}
-    return {name: side(lambda m, key=key: round(sum(s[f"{m}_{key}"] for s in samples) / len(samples), 4), len(samples))
+    return {name: side(lambda m, key=key: round(sum(s[f"{m}_{key}"] for s in samples) / len(samples), 4), len(samples),
+                       models)
             for name, key in TEXT_SCORES}
 
 
-def classification(samples: list[dict], labels: list[str]) -> dict:
+def classification(samples: list[dict], labels: list[str], models: tuple[str, ...] = MODELS) -> dict:
     """Accuracy, macro precision/recall/F1, the confusion matrix {reference: {predicted: count}} and per-label
     counts, per model, over the samples whose reference is a label."""
     scored = [s for s in samples if s["reference_label"] is not None]
     present = [label for label in labels if any(s["reference_label"] == label for s in scored)]
     out = {"labels": labels, "rows": len(scored), "unlabelled_references": len(samples) - len(scored)}
-    for model in MODELS:
+    for model in models:
         predicted = [s[f"{model}_label"] for s in scored]
         truth = [s["reference_label"] for s in scored]
         per_label = {}
@@ -82,9 +86,9 @@ def classification(samples: list[dict], labels: list[str]) -> dict:
     return out
 
 
-def classification_metrics(result: dict) -> dict:
+def classification_metrics(result: dict, models: tuple[str, ...] = MODELS) -> dict:
     """The side-by-side rows of a classification result."""
-    return {name: side(lambda m, name=name: result[m][name], result["rows"])
+    return {name: side(lambda m, name=name: result[m][name], result["rows"], models)
             for name in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
 
 

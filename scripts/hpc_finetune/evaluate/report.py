@@ -9,6 +9,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from hpc_finetune.evaluate.groups import group_text
 from hpc_finetune.evaluate.labels import UNMATCHED
 from hpc_finetune.evaluate.metrics import MODELS
 from hpc_finetune.io.cli import plural
@@ -30,9 +31,9 @@ def comparison_rows(metrics: dict) -> list[tuple[str, float | None, float | None
     answer loss, perplexity, exact match, token F1, ROUGE-L, the classification metrics when there are labels,
     then each lm-eval task's metrics ("lm-eval <task> <metric>"). Values are numbers or None (not measured)."""
     found = metrics.get("metrics", {})
-    rows = [(NAMES.get(key, key), v["base"], v["finetuned"], v["rows"]) for key, v in found.items()]
+    rows = [(NAMES.get(key, key), v["base"], v.get("finetuned"), v["rows"]) for key, v in found.items()]
     for task, values in (metrics.get("lm_eval") or {}).get("results", {}).items():
-        rows += [(f"lm-eval {task} {name}", v["base"], v["finetuned"], v["rows"]) for name, v in values.items()]
+        rows += [(f"lm-eval {task} {name}", v["base"], v.get("finetuned"), v["rows"]) for name, v in values.items()]
     return rows
 
 
@@ -62,6 +63,8 @@ def summary_rows(m: dict) -> list[tuple[str, Any]]:
         ("answers per model", f"{m['samples_generated']} (batch {m['batch_size']})"),
         ("labels", ", ".join(m["classification"]["labels"]) if m.get("classification") else "none"),
         ("lm-eval", lm_eval_line(m.get("lm_eval"))),
+        *((f"worst group ({model})", f"{w['group']} ({w['metric']} {fmt(w['value'])})")
+          for model, w in (m.get("groups") or {}).get("worst", {}).items() if w),
         ("wall time", f"{m['wall_time_s']} s"),
         ("peak memory", m["peak_memory"]),
     ]
@@ -111,6 +114,7 @@ def report_text(m: dict) -> str:
             out += ["confusion (rows: reference, columns: answer)"]
             out += text_table(["reference", *columns],
                               [[label, *(str(part["confusion"][label][c]) for c in columns)] for label in result["labels"]])
+    out += group_text(m["groups"]) if m.get("groups") else []
     out += ["", f"lm-eval: {lm_eval_line(m.get('lm_eval'))}"]
     out += ["", "Notes:", *(f"- {note}" for note in m["notes"])] if m["notes"] else []
     out += ["", f"Per-sample answers and scores: {m['samples_files']}"]
@@ -121,6 +125,8 @@ def write_samples_csv(path: str | Path, samples: list[dict]) -> None:
     """One row per prompt, quoted as csv does (answers with commas, quotes and newlines stay in their cell); UTF-8
     with a byte-order mark, so that spreadsheet programs read it as UTF-8."""
     columns = list(SAMPLE_COLUMNS) + [c for c in LABEL_COLUMNS if samples and c in samples[0]]
+    if samples and "group" in samples[0]:  # evaluate.group_field
+        columns.insert(columns.index("split") + 1, "group")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -124,6 +124,50 @@ def timings_plot(benchmarks: list[dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def leaderboard_metric(rows: list[dict], metric: str, value_of, best: str | None, path: str | Path) -> Path:
+    """The chosen metric per fine-tuned run (bars, the best one darker) with each base model's value marked (a
+    dashed line per base entry, and a dot on each run's bar where its own base scored)."""
+    plt = _pyplot()
+    runs = [r for r in rows if r["kind"] == "finetuned"]
+    bases = [r for r in rows if r["kind"] == "base"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(runs) + 3), 4), constrained_layout=True)
+    values = [value_of(r, metric) for r in runs]
+    ax.bar([r["name"] for r in runs], [v if v is not None else 0 for v in values],
+           color=["tab:green" if r["name"] == best else "tab:blue" for r in runs])
+    own = [(r["name"], r.get(f"{metric} base")) for r in runs if r.get(f"{metric} base") is not None]
+    if own:
+        ax.plot([n for n, _ in own], [v for _, v in own], "kD", label="the run's base model")
+    for index, base in enumerate(bases):
+        value = value_of(base, metric)
+        if value is not None:
+            ax.axhline(value, linestyle="--", color=f"C{(index + 3) % 10}", label=f"base: {base['name']}")
+    if not runs and not bases:
+        ax.text(0.5, 0.5, "no entries", ha="center", transform=ax.transAxes)
+    ax.set(title=f"{metric} per run", ylabel=metric)
+    ax.tick_params(axis="x", labelrotation=30)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return _save(fig, path)
+
+
+def eval_loss_overlay(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """The eval-loss curves of all runs, overlaid (step on x)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    for name, history in histories.items():
+        x, y = series(history, "eval_loss")
+        if x:
+            ax.plot(x, y, "o-", label=name)
+    if ax.lines:
+        ax.legend()
+        if all(v > 0 for line in ax.lines for v in line.get_ydata()):
+            ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no eval loss logged by any run", ha="center", transform=ax.transAxes)
+    ax.set(title="Eval loss of every run", xlabel="step", ylabel="eval loss")
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 

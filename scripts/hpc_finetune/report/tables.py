@@ -63,6 +63,10 @@ def evaluation_html(metrics: dict, samples: list[dict], max_answers: int = 6) ->
     shown = samples[:max_answers]
     answers_table = html_table(columns, [[prompt_tail(s.get(k)) if k == "prompt" else cut(s.get(k))
                                           for k in columns] for s in shown], "answers")
+    if metrics.get("groups"):  # evaluate.group_field
+        from hpc_finetune.evaluate.groups import group_html
+
+        table += group_html(metrics["groups"])
     return (f"<h2>Base vs fine-tuned</h2>{table}<h2>Answers side by side</h2>"
             f"<p>The first {len(shown)} of {len(samples)} scored prompts (greedy decoding, both models).</p>"
             f"{answers_table}")

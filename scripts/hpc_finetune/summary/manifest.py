@@ -58,15 +58,15 @@ def env_text(cfg: dict) -> str:
 
 
 def artifacts(run_dir: Path, roots: list[str | Path]) -> list[dict]:
-    """sha256 and size of every file under `roots` (files or directories under run_dir: the stages' declared
-    outputs, which are the run's targets), by path relative to run_dir; hidden files (Snakemake's timestamps,
-    temporary files) left out."""
+    """sha256 and size of every file under `roots` (files or directories: the stages' declared outputs, which are
+    the run's targets), by path relative to run_dir (../_shared/... for the stages an experiment's runs share);
+    hidden files (Snakemake's timestamps, temporary files) left out."""
     files = []
     for root in map(Path, roots):
         paths = sorted(root.rglob("*")) if root.is_dir() else [root]
         for path in paths:
-            rel = path.relative_to(run_dir)
-            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            rel = Path(os.path.relpath(path, run_dir))
+            if path.is_file() and not any(part.startswith(".") and part != ".." for part in rel.parts):
                 files.append({"path": str(rel), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     return sorted(files, key=lambda entry: entry["path"])
 

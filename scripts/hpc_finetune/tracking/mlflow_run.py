@@ -111,6 +111,11 @@ class Tracker:
         except Exception as err:
             log.warning("MLflow: could not log %s (%s: %s)", what, type(err).__name__, str(err)[:200])
 
+    def set_tags(self, tags: dict) -> None:
+        """Tags of the run (an experiment's run: its name and sweep values, so MLflow's compare view groups them)."""
+        for key, value in tags.items():
+            self._safely(f"tag {key}", self.client.set_tag, self.run_id, key, str(value)[:5000])
+
     def log_params(self, params: dict[str, str]) -> None:
         """Params not yet in the run (MLflow refuses to change a logged param)."""
         from mlflow.entities import Param

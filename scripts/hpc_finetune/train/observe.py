@@ -14,7 +14,7 @@ from hpc_finetune.tracking.mlflow_run import Tracker, flatten, numeric
 from hpc_finetune.train.resources import ResourceSampler
 
 # Config fields that say how the run is watched, not what is trained.
-OBSERVE_FIELDS = ("resources_out", "resource_interval_s", "mlflow", "mlflow_experiment", "run_name")
+OBSERVE_FIELDS = ("resources_out", "resource_interval_s", "mlflow", "mlflow_experiment", "run_name", "mlflow_tags")
 RUN_ID_FILE = "mlflow_run_id"  # in the checkpoint directory: a resumed run continues its MLflow run
 
 
@@ -61,6 +61,7 @@ def start_tracking(cfg: Any, rank: int, run_dir: Path, settings: dict) -> Tracke
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)
         tracker.log_params(flatten({"training": settings}))
+        tracker.set_tags(getattr(cfg, "mlflow_tags", None) or {})
     return tracker
 
 

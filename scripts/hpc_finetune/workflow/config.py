@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -215,8 +216,8 @@ def check_consistency(cfg: dict) -> None:
 
 def check_test_set(cfg: dict) -> None:
     """dataset.test_path, when it is a local file, read now: it has rows, every row has the fields its format needs,
-    and with evaluate.labels every reference answer is a label and every label occurs (errors name the file and
-    the row). A directory is checked by the data stage, before any model is loaded."""
+    and with evaluate.labels every reference answer is a label and every label occurs, with evaluate.group_field
+    every row has a group (errors name the file and the row). A directory is checked by the data stage, before any model is loaded."""
     ds, ev = cfg["dataset"], cfg["evaluate"]
     include = ev["lm_eval_include_path"]
     if ev["lm_eval_tasks"] and include and not Path(include).expanduser().is_dir():
@@ -232,6 +233,7 @@ def check_test_set(cfg: dict) -> None:
         return
     from hpc_finetune.data.source import columns, normalise, resolve_format
     from hpc_finetune.data.testset import read_test_path, reference, require_fields
+    from hpc_finetune.evaluate.groups import group_values
     from hpc_finetune.evaluate.labels import check_references
     from hpc_finetune.io.cli import StageError
 
@@ -245,12 +247,16 @@ def check_test_set(cfg: dict) -> None:
         if ev["labels"]:
             refs = [(n, reference(r)) for n, r in enumerate(normalise(rows, fmt, text_field, where), start=1)]
             check_references([(n, ref) for n, ref in refs if ref is not None], ev["labels"], where)
+        if ev["group_field"]:
+            group_values(rows, ev["group_field"], where)
     except StageError as err:
         raise ConfigError(str(err)) from None
 
 
-def resolve_config(user_config: dict) -> dict:
-    """schema defaults < hyperparameter preset < model preset < user config (config.yaml and --config)."""
+def resolve_config(user_config: dict, checked: set[str] | None = None) -> dict:
+    """schema defaults < hyperparameter preset < model preset < user config (config.yaml and --config).
+    checked: the test sets (with their evaluate settings) already read by this process, which are not read again
+    (an experiment resolves many runs that share one)."""
     schema = load_schema()
     user = expand_dotted(user_config or {})
     model_name = user.get("preset", schema["properties"]["preset"]["default"])
@@ -263,5 +269,9 @@ def resolve_config(user_config: dict) -> dict:
     resolved = coerce_strings(resolved, schema)
     validate(resolved, schema)
     check_consistency(resolved)
-    check_test_set(resolved)
+    seen = json.dumps([resolved["dataset"], resolved["evaluate"]], sort_keys=True, default=str)
+    if checked is None or seen not in checked:
+        check_test_set(resolved)
+        if checked is not None:
+            checked.add(seen)
     return resolved

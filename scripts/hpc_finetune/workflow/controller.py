@@ -39,7 +39,7 @@ def damaged(run_dir: Path, roots: list[str], missing: list[str]) -> list[Path]:
     found = []
     for root in map(Path, roots):
         stamp = root / ".snakemake_timestamp"
-        prefix = f"{root.relative_to(run_dir)}/"
+        prefix = f"{os.path.relpath(root, run_dir)}/"  # ../_shared/...: a stage the experiment's runs share
         if (root.is_dir() and any(path.startswith(prefix) for path in missing) and stamp.is_file()
                 and stamp.stat().st_mtime <= manifest.stat().st_mtime):
             found.append(root)

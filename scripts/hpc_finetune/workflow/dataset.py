@@ -113,3 +113,29 @@ def hub_input(cfg: dict, state_dir: str, main_process: bool) -> DatasetInput:
              "revision": pinned.revision, "commit": pinned.commit, "hub_url": ds["hub_url"],
              "cache_dir": ds["cache_dir"], "token_file": cfg["model"]["token_file"]}
     return DatasetInput(snapshot, [record], record, fetch)
+
+
+def dataset_key(cfg: dict) -> str:
+    return json.dumps([cfg["dataset"], cfg["model"]["token_file"]], sort_keys=True)
+
+
+def dataset_inputs(runs: dict[str, dict], state_dir: str = ".snakemake/hpc_finetune",
+                   main_process: bool = True) -> dict[str, DatasetInput]:
+    """dataset_input of every distinct dataset of an experiment's runs: a bucket is listed, a hub revision asked,
+    once per dataset, not once per run. Runs may vary local datasets freely; one remote dataset (a bucket or hub
+    dataset, whose rule fetch_dataset is one) per experiment."""
+    inputs: dict[str, DatasetInput] = {}
+    for cfg in runs.values():
+        key = dataset_key(cfg)
+        if key not in inputs:
+            inputs[key] = dataset_input(cfg, state_dir, main_process)
+    fetches = {json.dumps(i.fetch, sort_keys=True) for i in inputs.values() if i.fetch}
+    if len(fetches) > 1:
+        raise ConfigError("config key dataset.path: the runs read more than one dataset from a bucket or the hub; "
+                          "an experiment fetches one remote dataset (vary local datasets, or run the others apart)")
+    return inputs
+
+
+def data_input(inputs: dict[str, DatasetInput], cfg: dict) -> DatasetInput:
+    """The DatasetInput of the run (or shared stage) `cfg`."""
+    return inputs[dataset_key(cfg)]

@@ -12,6 +12,7 @@ from typing import Any
 from hpc_finetune import code
 
 SCRIPTS = code.SOURCE_ROOT
+EXPERIMENT_ONLY = ("runs", "sweep", "experiment")
 
 
 def run_dir(cfg: dict) -> str:
@@ -21,6 +22,31 @@ def run_dir(cfg: dict) -> str:
 def out(cfg: dict, *parts: str) -> str:
     """Path of one output of the run: {output_dir}/{run_name}/{parts}."""
     return "/".join([run_dir(cfg), *parts])
+
+
+def stage_key(cfg: dict, stage: str) -> str:
+    """The directory, under output_dir, of a stage that runs share ("model", "data", "base"): in an experiment its
+    content key (_shared/<stage>-<hash>, hpc_finetune.workflow.experiment), for a single run the run's name."""
+    return cfg.get("_shared", {}).get(stage, cfg["run_name"])
+
+
+def stage_dir(cfg: dict, stage: str) -> str:
+    return f"{cfg['output_dir']}/{stage_key(cfg, stage)}"
+
+
+def model_out(cfg: dict, *parts: str) -> str:
+    """An output of the model stage the run uses (model/model.json, model/demo)."""
+    return "/".join([stage_dir(cfg, "model"), "model", *parts])
+
+
+def data_out(cfg: dict, name: str) -> str:
+    """A file of the prepared data the run uses (data/train.jsonl, eval, test, report.json)."""
+    return f"{stage_dir(cfg, 'data')}/data/{name}"
+
+
+def base_out(cfg: dict, name: str) -> str:
+    """An output of the base model's shared evaluation (experiments only): eval/base.json, base.jsonl."""
+    return f"{stage_dir(cfg, 'base')}/eval/{name}"
 
 
 def script(name: str) -> str:
@@ -70,10 +96,10 @@ def summary_inputs(cfg: dict) -> dict[str, str]:
     summary (its inputs). Each is also a target of the run (final_targets), so a missing one is rebuilt with its
     stage and what depends on it, and the manifest never lists a file that no rule makes."""
     inputs = {
-        **({"base_model": out(cfg, "model", "demo")} if cfg["model"]["source"] == "demo" else {}),
-        "model": out(cfg, "model", "model.json"),
-        **{f"data_{name}": out(cfg, "data", f"{name}.jsonl") for name in ("train", "eval", "test")},
-        "data_report": out(cfg, "data", "report.json"),
+        **({"base_model": model_out(cfg, "demo")} if cfg["model"]["source"] == "demo" else {}),
+        "model": model_out(cfg, "model.json"),
+        **{f"data_{name}": data_out(cfg, f"{name}.jsonl") for name in ("train", "eval", "test")},
+        "data_report": data_out(cfg, "report.json"),
         "preflight": out(cfg, "preflight.json"),
         "adapters": out(cfg, "adapters"),
         "train_metrics": out(cfg, "metrics", "train.json"),
@@ -93,7 +119,7 @@ def report_inputs(cfg: dict) -> dict[str, str]:
     inputs = {
         "train": out(cfg, "metrics", "train.json"),
         "resources": out(cfg, "metrics", "resources.csv"),
-        "data": out(cfg, "data", "report.json"),
+        "data": data_out(cfg, "report.json"),
         "train_benchmark": out(cfg, "benchmarks", "train.tsv"),
     }
     if cfg["merge"]["merge_full_weights"]:
@@ -129,6 +155,7 @@ def hub_upload_dirs(cfg: dict) -> dict[str, str]:
 def summary_config(cfg: dict) -> str:
     """The effective config for the summary and plots stages, without where the results are uploaded to or
     tracked: pointing an upload or MLflow elsewhere must not re-run the summary (whose manifest the uploads send),
-    and a tracking URI may hold credentials, which belong on no command line."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("upload", "hub_upload", "tracking")},
-                      sort_keys=True)
+    and a tracking URI may hold credentials, which belong on no command line. Nor the experiment's keys (runs:,
+    sweep:, experiment.*, the resolved run's _shared...): a run's stages see the run's own settings only."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("upload", "hub_upload", "tracking", *EXPERIMENT_ONLY)
+                       and not k.startswith("_")}, sort_keys=True)

@@ -57,6 +57,19 @@ def train_placement(cfg: dict) -> dict:
     return placement
 
 
+def run_placement(runs: dict[str, dict]) -> dict:
+    """train_placement as rule resources for the runs `runs` ({name: config}): each a function of the job's
+    `run` wildcard. The runs must agree on one node or several (the resources a rule declares are fixed)."""
+    from hpc_finetune.workflow.config import ConfigError
+
+    shapes = {name: sorted(train_placement(cfg)) for name, cfg in runs.items()}
+    if len({tuple(shape) for shape in shapes.values()}) > 1:
+        raise ConfigError("config key resources.nodes: the runs of an experiment train either all on one node or all "
+                          f"on several; these differ: {', '.join(shapes)}")
+    return {key: (lambda wildcards, key=key: train_placement(runs[wildcards.run])[key])
+            for key in next(iter(shapes.values()), [])}
+
+
 def status_command_problem(executor: str | None, status_command: str | None, timeout: float = 30) -> str | None:
     """Why the slurm executor would hang, or None. It learns that a job ended from `sacct` unless told to use
     `squeue`; where job accounting is off, sacct fails on every poll and the plugin keeps waiting, silently, after
