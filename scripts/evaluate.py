@@ -44,6 +44,7 @@ from hpc_finetune.io.files import iter_jsonl, model_dir, write_json, write_jsonl
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.io.schema import option
 from hpc_finetune.model.load import dtype_name, free, load_adapter, load_model, load_tokenizer, resolve_dtype
+from hpc_finetune.serve.answers import engine, generation_record, vllm_answers
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Config:
     lm_eval_tasks: list[str] = option("evaluate.lm_eval_tasks")
     lm_eval_limit: int | None = option("evaluate.lm_eval_limit")
     lm_eval_include_path: str | None = option("evaluate.lm_eval_include_path")
+    engine: str = option("evaluate.engine")
+    vllm: str = field(default="", metadata={"help": "vLLM's interpreter command, for --engine vllm or auto"})
+    vllm_enforce_eager: bool = option("serve_check.enforce_eager")
     merged: bool = field(
         default=True, metadata={"help": "--finetuned is a merged model (true) or an adapter"}
     )
@@ -208,14 +212,23 @@ def main(cfg: Config) -> dict:
     skipped = ("text rows have no separate answer to compare a generation with" if fmt == "text"
                else "no rows to answer" if not rows else None)
     prompts = [prompt_ids(tokenizer, r, fmt) for r in rendered] if not skipped else []
+    # evaluate.engine vllm: vLLM's greedy answers, before any model of ours takes memory (hpc_finetune.serve)
+    fast = vllm_answers(cfg.vllm, base_dir, cfg.finetuned, cfg.merged, prompts, tokenizer, cfg.max_new_tokens,
+                        cfg.max_length, {"dtype": dtype_name(dtype), "enforce_eager": cfg.vllm_enforce_eager},
+                        Path(cfg.samples_out).parent / "vllm") if prompts and engine(cfg) == "vllm" else {}
+
+    generation_s: dict = {}
 
     def passes(model: Any, name: str) -> dict:
         pad, budget = tokenizer.pad_token_id, cfg.max_batch_tokens
         scores = {"scored": answer_loss(model, encoded, pad, budget), "train": answer_loss(model, train_encoded, pad, budget)}
         if prompts:
-            log.info("%s model: %d greedy answers (up to %d tokens, batch %d)", name, len(prompts), cfg.max_new_tokens,
-                     cfg.batch_size)
-            scores["answers"] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.max_length, cfg.batch_size)
+            log.info("%s model: %d greedy answers (up to %d tokens, batch %d, %s)", name, len(prompts),
+                     cfg.max_new_tokens, cfg.batch_size, "vLLM" if fast else "transformers")
+            started = time.time()
+            scores["answers"] = fast[name.replace("-", "")] if fast else generate(
+                model, tokenizer, prompts, cfg.max_new_tokens, cfg.max_length, cfg.batch_size)
+            generation_s[name] = round(time.time() - started, 2)
         return scores
 
     log.info("scoring the base model %s on %s", base_dir, scored["description"])
@@ -246,6 +259,7 @@ def main(cfg: Config) -> dict:
         notes.append(f"lm-eval skipped: {lm_eval['skipped']}")
     metrics = metrics_of(cfg, base_dir, dtype, fmt, scored, {"base": base_scores, "finetuned": tuned_scores}, samples,
                          skipped, labels, lm_eval, notes, start)
+    metrics["generation"] = generation_record(engine(cfg) if prompts else None, fast, generation_s)
     write_jsonl(cfg.samples_out, samples)
     if cfg.samples_csv:
         write_samples_csv(cfg.samples_csv, samples)

@@ -64,6 +64,12 @@ from hpc_finetune.workflow.slurm import (
     train_placement,
 )
 from hpc_finetune.tracking.mlflow_run import tracking_environment
+from hpc_finetune.serve.plan import (
+    evaluate_engine,
+    serve_args,
+    serve_inputs,
+    serve_plan,
+)
 
 try:
     _resolved = resolve_config(config)
@@ -124,3 +130,12 @@ CONTAINER_IMAGE = (
         else ancient(container_image(config))
     )
 )
+
+# vLLM (README, "Serving"): whether the serve_check stage runs and with which interpreter (or image), and what the
+# evaluate stage generates with. At parse time on purpose: serve_check.enabled on without a vLLM, or
+# evaluate.engine vllm without one, stops the workflow before anything runs.
+try:
+    SERVE = serve_plan(config)
+    EVALUATE_ENGINE, EVALUATE_VLLM = evaluate_engine(config)
+except ConfigError as err:
+    sys.exit(f"vLLM not usable (fix it before anything runs):\n{err}")

@@ -29,6 +29,8 @@ rule evaluate:
         mem_mb=scaled(config, RESOURCES["gpu_mem_mb"]),
         runtime=scaled(config, RESOURCES["gpu_runtime"]),
         gpu=RESOURCES["gpus"],
+        # evaluate.engine vllm: vLLM's interpreter (rules/common.smk, EVALUATE_VLLM)
+        vllm=EVALUATE_VLLM,
     params:
         args=stage_args(
             **pick(
@@ -41,9 +43,11 @@ rule evaluate:
             ),
             **pick(EVALUATE, "lm_eval_tasks", "lm_eval_limit", "lm_eval_include_path"),
             merged=MERGE["merge_full_weights"],
+            engine=EVALUATE_ENGINE,
+            vllm_enforce_eager=config["serve_check"]["enforce_eager"],
         ),
     shell:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
         " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
         " --metrics-out {output.metrics} --samples-out {output.samples} --samples-csv {output.csv}"
-        " --report-out {output.report} > {log} 2>&1"
+        " --report-out {output.report} --vllm {resources.vllm:q} > {log} 2>&1"

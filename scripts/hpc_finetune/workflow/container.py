@@ -141,10 +141,15 @@ def container_prefix(cfg: dict) -> str:
     in through the environment (container_environment), never on a command line (argv is visible to every user
     in ps). The caches (HF_HOME, TRITON_CACHE_DIR, XDG_CACHE_HOME) go to the bound scratch: the image is
     read-only. The scratch directory must exist (rules/common.smk creates it)."""
-    c = cfg["container"]
-    runtime = c["runtime"]
-    if runtime == "none":
+    if cfg["container"]["runtime"] == "none":
         return ""
+    return container_command(cfg, cfg["container"]["runtime"], container_image(cfg))
+
+
+def container_command(cfg: dict, runtime: str, image: str) -> str:
+    """`<runtime> exec [--nv] --cleanenv --bind ... --env ... <image> `: container_prefix for any image (the
+    serve_check stage's vLLM image uses it too)."""
+    c = cfg["container"]
     scratch = container_scratch(cfg)
     caches = {
         "HF_HOME": scratch / "cache" / "huggingface",
@@ -162,7 +167,7 @@ def container_prefix(cfg: dict) -> str:
         cmd += ["--bind", bind]
     for name, value in caches.items():
         cmd += ["--env", f"{name}={value}"]
-    cmd.append(str(Path(container_image(cfg)).absolute()))
+    cmd.append(str(Path(image).expanduser().absolute()))
     return shlex.join(cmd) + " "
 
 
