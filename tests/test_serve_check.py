@@ -30,7 +30,9 @@ def config(**sections) -> dict:
 
 @pytest.fixture(scope="module")
 def vllm():
-    return vllm_python()
+    with pytest.MonkeyPatch.context() as mp:  # the stage run in-process hands its environment to vLLM
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        yield vllm_python()
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ def served(vllm, demo, tmp_path_factory):
     """The shared demo project re-run with vLLM configured (serve_check auto finds it; evaluate.engine auto uses
     it), float32, eager: evaluate and serve_check re-run, then the summary and the report."""
     project = copy_project(demo, tmp_path_factory.mktemp("served") / "project")
-    result = run_workflow(project, "--config", f"serve_check.python={vllm}", "serve_check.enforce_eager=true",
-                          "serve_check.dtype=float32", env=KV)
+    result = run_workflow(project, "--config", f"serve_check__python={vllm}", "serve_check__enforce_eager=true",
+                          "serve_check__dtype=float32", env=KV)
     return project / "results" / "demo", result
 
 

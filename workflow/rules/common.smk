@@ -64,12 +64,7 @@ from hpc_finetune.workflow.slurm import (
     train_placement,
 )
 from hpc_finetune.tracking.mlflow_run import tracking_environment
-from hpc_finetune.serve.plan import (
-    evaluate_engine,
-    serve_args,
-    serve_inputs,
-    serve_plan,
-)
+from hpc_finetune.serve.plan import evaluate_engine, serve_plan, served_dirs
 
 try:
     _resolved = resolve_config(config)

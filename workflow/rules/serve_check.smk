@@ -8,13 +8,15 @@
 rule serve_check:
     input:
         model=out(config, "model", "model.json"),
-        served=serve_inputs(config),
+        served=[out(config, d) for d in served_dirs(config).values() if d],
         samples=out(config, "eval", "samples.jsonl"),
         evaluate=out(config, "metrics", "evaluate.json"),
         eval=out(config, "data", "eval.jsonl"),
         test=out(config, "data", "test.jsonl"),
         script=script("serve_check"),
         code=code_inputs("serve_check"),
+        # what vLLM's interpreter runs (not imported by ours, so not among the code inputs)
+        engine=script("hpc_finetune/serve/engine"),
     output:
         metrics=out(config, "metrics", "serve_check.json"),
     log:
@@ -39,7 +41,8 @@ rule serve_check:
                 "max_model_len",
                 "enforce_eager",
             ),
-            **serve_args(config),
+            **{k: d and out(config, d) for k, d in served_dirs(config).items()},
+            data_dir=out(config, "data"),
         ),
     shell:
         "python {input.script} --vllm {resources.vllm:q} {params.args} --model-json {input.model}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import iter_jsonl
+from hpc_finetune.merge.adapter import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
 ADAPTER_FIX = ("train a plain LoRA adapter vLLM serves (no DoRA, no modules_to_save, training.lora_r <= 512), or "
                "publish the merged model only (hub_upload.publish: [merged]; upload.include without adapters)")
@@ -52,8 +53,11 @@ def match(expected: list[str], answers: list[str]) -> dict:
 
 
 def adapter_rank(adapter: str | Path) -> int:
+    """The --max-lora-rank vLLM needs for the adapter (the largest it takes when the rank is above it: vLLM's own
+    check then refuses the adapter, in its words)."""
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    return vllm_max_lora_rank(rank) or VLLM_MAX_LORA_RANKS[-1]
 
 
 def failure(name: str, what: str, result: dict, tolerance: float) -> str | None:

@@ -92,20 +92,12 @@ def evaluate_engine(cfg: dict) -> tuple[str, str]:
     return ("vllm", command) if command else ("transformers", "")
 
 
-def serve_inputs(cfg: dict) -> list[str]:
-    """What the serve_check stage serves: merged/ (when merging is on) and adapters/ (check_adapter)."""
-    from hpc_finetune.workflow.paths import out
 
-    return [out(cfg, "merged")] * cfg["merge"]["merge_full_weights"] + [out(cfg, "adapters")] * check_adapter(cfg)
-
-
-def serve_args(cfg: dict) -> dict:
-    """The stage's --merged, --adapter and --data-dir."""
-    from hpc_finetune.workflow.paths import out
-
-    return {"merged": out(cfg, "merged") if cfg["merge"]["merge_full_weights"] else None,
-            "adapter": out(cfg, "adapters") if check_adapter(cfg) else None, "data_dir": out(cfg, "data")}
-
+def served_dirs(cfg: dict) -> dict[str, str | None]:
+    """The serve_check stage's --merged and --adapter as run directories' names: merged (when merging is on) and
+    adapters (check_adapter); None: not served."""
+    return {"merged": "merged" if cfg["merge"]["merge_full_weights"] else None,
+            "adapter": "adapters" if check_adapter(cfg) else None}
 
 def serve_skipped(cfg: dict) -> str:
     """Why the run has no serve check (the summary's line), for a run whose serve_check stage did not run."""
