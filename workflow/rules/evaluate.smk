@@ -50,4 +50,4 @@ rule evaluate:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model} --finetuned {input.finetuned}"
         " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
         " --metrics-out {output.metrics} --samples-out {output.samples} --samples-csv {output.csv}"
-        " --report-out {output.report} --vllm {resources.vllm:q} > {log} 2>&1"
+        " --report-out {output.report} --vllm={resources.vllm:q} > {log} 2>&1"

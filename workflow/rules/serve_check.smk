@@ -45,6 +45,6 @@ rule serve_check:
             data_dir=out(config, "data"),
         ),
     shell:
-        "python {input.script} --vllm {resources.vllm:q} {params.args} --model-json {input.model}"
+        "python {input.script} --vllm={resources.vllm:q} {params.args} --model-json {input.model}"
         " --samples {input.samples} --evaluate-json {input.evaluate}"
         " --metrics-out {output.metrics} > {log} 2>&1"
