@@ -79,9 +79,10 @@ def bench_evaluate(args) -> dict:
     from tools.benchmarks.models import device_info
 
     root = Path(args.work) / "evaluate"
+    vllm = str(Path(args.vllm).absolute()) if Path(args.vllm).exists() else args.vllm  # vLLM runs in another cwd
     report = {"device": device_info(1)["device"], "engines": args.engines, "cases": {}}
     for name, case in cases(args, root).items():
-        runs = {engine: run_engine(case, engine, args.vllm, root / "runs" / name / engine, args.enforce_eager)
+        runs = {engine: run_engine(case, engine, vllm, root / "runs" / name / engine, args.enforce_eager)
                 for engine in args.engines}
         answers = {e: r.pop("finetuned_answers", None) for e, r in runs.items()}
         result = {"max_new_tokens": case["max_new_tokens"], "runs": runs}
