@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import upload
 import yaml
+from botocore.exceptions import ClientError
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import sha256_file
 from hpc_finetune.storage import s3
@@ -162,7 +163,9 @@ def test_an_adapter_vllm_refuses_is_refused_before_anything_is_sent(client, s3_s
     with pytest.raises(StageError, match=r"adapter .*adapters would be published but vLLM cannot serve it: DoRA.*"
                                          r"publish the merged model only \(upload.include: \[merged\]\)"):
         upload.main(config(tmp_path, s3_server, prefix="dora"))
-    assert client.list_objects_v2(Bucket=BUCKET, Prefix="dora").get("KeyCount", 0) == 0
+    for key in ("dora/merged/config.json", "dora/manifest.json"):  # nothing was sent, not even the merged model
+        with pytest.raises(ClientError, match="404|Not Found"):
+            client.head_object(Bucket=BUCKET, Key=key)
     demo = yaml.safe_load((REPO / "config.yaml").read_text()) | {"training": {"lora_r": 1024}}
     with pytest.raises(ConfigError, match=r"training.lora_r: 1024 .* upload.include sends the adapter"):
         resolve_config(demo | {"upload": {"bucket": "s3://models/x"}})

@@ -39,6 +39,8 @@ def run_engine(command: str | list[str], spec: dict, workdir: Path, log_path: Pa
     out.unlink(missing_ok=True)
     argv = (shlex.split(command) if isinstance(command, str) else list(command)) + [
         str(ENGINE_SCRIPT), str(spec_path), str(out)]
+    if "/" in argv[0] and Path(argv[0]).exists():  # vLLM runs in `workdir`: a relative interpreter path would break
+        argv[0] = str(Path(argv[0]).absolute())
     log_path = log_path or workdir / "vllm.log"
     started = time.time()
     log.info("starting vLLM: %s (its output: %s)", shlex.join(argv[:-3]), log_path)
