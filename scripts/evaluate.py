@@ -51,6 +51,7 @@ from hpc_finetune.io.files import iter_jsonl, model_dir, write_json, write_jsonl
 from hpc_finetune.io.measure import peak_memory
 from hpc_finetune.io.schema import option
 from hpc_finetune.model.load import dtype_name, free, load_adapter, load_model, load_tokenizer, resolve_dtype
+from hpc_finetune.serve.answers import engine, generation_record, vllm_answers
 
 
 @dataclass
@@ -81,6 +82,9 @@ class Config:
     lm_eval_include_path: str | None = option("evaluate.lm_eval_include_path")
     group_field: str | None = option("evaluate.group_field")
     group_min_rows: int = option("evaluate.group_min_rows")
+    engine: str = option("evaluate.engine")
+    vllm: str = field(default="", metadata={"help": "vLLM's interpreter command, for --engine vllm or auto"})
+    vllm_enforce_eager: bool = option("serve_check.enforce_eager")
     merged: bool = field(
         default=True, metadata={"help": "--finetuned is a merged model (true) or an adapter"}
     )
@@ -248,6 +252,14 @@ def main(cfg: Config) -> dict:
     prompts = [prompt_ids(tokenizer, r, fmt) for r in rendered] if not skipped else []
     settings = settings_of(cfg, fmt, dtype)
     key = parts.digest(settings, encoded, train_encoded, prompts)
+    # evaluate.engine vllm: vLLM's greedy answers, before any model of ours takes memory (hpc_finetune.serve); only
+    # the models this part answers with
+    wanted = {"both": ("base", "finetuned"), "base": ("base",), "finetuned": ("finetuned",)}[cfg.part]
+    fast = vllm_answers(cfg.vllm, base_dir, cfg.finetuned, cfg.merged, prompts, tokenizer, cfg.max_new_tokens,
+                        cfg.max_length, {"dtype": dtype_name(dtype), "enforce_eager": cfg.vllm_enforce_eager},
+                        Path(cfg.samples_out).parent / "vllm", wanted) if prompts and engine(cfg) == "vllm" else {}
+
+    generation_s: dict = {}
 
     def passes(model: Any, name: str) -> dict:
         pad, budget = tokenizer.pad_token_id, cfg.max_batch_tokens
@@ -256,9 +268,12 @@ def main(cfg: Config) -> dict:
             scores["groups"] = {g: answer_loss(model, [encoded[i] for i in index], pad, budget)
                                 for g, index in grouped.items()}
         if prompts:
-            log.info("%s model: %d greedy answers (up to %d tokens, batch %d)", name, len(prompts), cfg.max_new_tokens,
-                     cfg.batch_size)
-            scores["answers"] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.max_length, cfg.batch_size)
+            log.info("%s model: %d greedy answers (up to %d tokens, batch %d, %s)", name, len(prompts),
+                     cfg.max_new_tokens, cfg.batch_size, "vLLM" if fast else "transformers")
+            started = time.time()
+            scores["answers"] = fast[name.replace("-", "")] if fast else generate(
+                model, tokenizer, prompts, cfg.max_new_tokens, cfg.max_length, cfg.batch_size)
+            generation_s[name] = round(time.time() - started, 2)
         return scores
 
     stored = None
@@ -308,6 +323,7 @@ def main(cfg: Config) -> dict:
     if groups:
         metrics["groups"] = group_metrics(cfg.group_field, cfg.group_min_rows, groups, samples,
                                           {m: part["groups"] for m, part in scores.items()}, labels[0], tuple(scores))
+    metrics["generation"] = generation_record(engine(cfg) if prompts else None, fast, generation_s)
     write_jsonl(cfg.samples_out, samples)
     if cfg.part == "base":
         record = parts.base_record(metrics, base_scores, settings, key)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import read_json, write_json, write_text
+from hpc_finetune.serve.plan import serve_skipped
 from hpc_finetune.summary.manifest import artifacts, env_text, flatten, fmt, load_metrics, redact, versions
 
 
@@ -43,6 +44,8 @@ def main(cfg: Config) -> dict:
     manifest_path = Path(cfg.manifest_out)
     model = read_json(Path(cfg.model_json) if cfg.model_json else run_dir / "model" / "model.json", "model record")
     metrics = load_metrics(run_dir)
+    if "serve_check" not in metrics:
+        metrics["serve_check"] = {"skipped": serve_skipped(effective)}
     manifest = {
         "run_name": effective.get("run_name"),
         "model": {
@@ -66,6 +69,10 @@ def main(cfg: Config) -> dict:
     ]
     rows += [(k, fmt(metrics[k])) for k in ("merge_max_abs_logit_diff", "base_eval_exact_match", "eval_exact_match")
              if k in metrics]
+    check = metrics["serve_check"]
+    rows.append(("served by vLLM", f"{check['vllm_version']} ({check['dtype']}), match rate " + ", ".join(
+        f"{name} {rate:.3f}" for name, rate in check["match_rate"].items()) if "vllm_version" in check
+        else f"not checked: {check['skipped']}"))
     rows += [("artifacts", plural(len(manifest['artifacts']), "file")), ("manifest", manifest_path)]
     log.info("\n%s", table(rows, f"Run {effective.get('run_name')}"))
     return manifest

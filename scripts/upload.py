@@ -4,6 +4,7 @@
         --manifest results/demo/manifest.json --record-out results/demo/upload.json
 
 Each file goes to {bucket}/{directory name}/{path in it}, with its sha256 as object metadata (x-amz-meta-sha256).
+An adapter vLLM would refuse (DoRA, modules_to_save, a rank above 512) is refused before anything is sent.
 An object that already holds the same sha256 is skipped, so a re-run, or a run after an interrupted one, uploads
 only what is missing or changed. Files above --part-size-mb go up in parts (multipart upload; an upload that fails
 is aborted, no half object stays). Bodies carry a SHA256 checksum, which the store checks. The manifest goes
@@ -20,6 +21,7 @@ from pathlib import Path
 from hpc_finetune.io.cli import StageError, cli, log, plural, table
 from hpc_finetune.io.files import sha256_file, write_json
 from hpc_finetune.io.schema import option
+from hpc_finetune.merge.adapter import check_servable_adapter
 from hpc_finetune.storage import s3
 
 MIN_PART_MB = 5  # S3's smallest part but the last
@@ -42,6 +44,8 @@ def files_to_upload(cfg: Config, prefix: str) -> list[tuple[Path, str]]:
     for directory in map(Path, cfg.dirs):
         if not directory.is_dir():
             raise StageError(f"{directory}: no such directory to upload (run the stage that makes it first)")
+        if (directory / "adapter_config.json").is_file():  # an adapter users will serve: one vLLM loads
+            check_servable_adapter(directory, "upload.include: [merged]")
         # hidden files (Snakemake's .snakemake_timestamp) are bookkeeping: the manifest leaves them out too
         for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
             pairs.append((path, "/".join(filter(None, [prefix, directory.name, path.relative_to(directory).as_posix()]))))

@@ -12,9 +12,13 @@ from dataclasses import replace
 
 import pytest
 import upload
+import yaml
+from botocore.exceptions import ClientError
 from hpc_finetune.io.cli import StageError
 from hpc_finetune.io.files import sha256_file
 from hpc_finetune.storage import s3
+from hpc_finetune.workflow.config import ConfigError, resolve_config
+from support.common import REPO, make_adapter
 from support.s3 import isolate_aws, moto_auth, s3_client, s3_key, s3_put
 
 BUCKET = "models"
@@ -149,3 +153,20 @@ def test_bad_settings_and_credentials_are_named(client, s3_server, tmp_path, mon
     with pytest.raises(StageError, match="is http://127.0.0.1:9 reachable from this node"):
         upload.main(config(tmp_path, "http://127.0.0.1:9", prefix="denied"))
     assert json.loads((tmp_path / "upload.json").read_text()) == {"kept": True}  # an earlier record is untouched
+
+
+def test_an_adapter_vllm_refuses_is_refused_before_anything_is_sent(client, s3_server, tmp_path, tiny_model):
+    """The upload checks servability as the Hub upload does (hpc_finetune.merge.adapter.check_servable_adapter):
+    at config time for the rank, and in the stage for the adapter's own config."""
+    outputs(tmp_path)
+    make_adapter(tiny_model, tmp_path / "adapters", use_dora=True)
+    with pytest.raises(StageError, match=r"adapter .*adapters would be published but vLLM cannot serve it: DoRA.*"
+                                         r"publish the merged model only \(upload.include: \[merged\]\)"):
+        upload.main(config(tmp_path, s3_server, prefix="dora"))
+    for key in ("dora/merged/config.json", "dora/manifest.json"):  # nothing was sent, not even the merged model
+        with pytest.raises(ClientError, match="404|Not Found"):
+            client.head_object(Bucket=BUCKET, Key=key)
+    demo = yaml.safe_load((REPO / "config.yaml").read_text()) | {"training": {"lora_r": 1024}}
+    with pytest.raises(ConfigError, match=r"training.lora_r: 1024 .* upload.include sends the adapter"):
+        resolve_config(demo | {"upload": {"bucket": "s3://models/x"}})
+    resolve_config(demo | {"upload": {"bucket": "s3://models/x", "include": ["merged"]}})

@@ -75,12 +75,17 @@ def engine(vllm, run_dir, llama31_style, llama3_prompt, tmp_path_factory) -> dic
         json.loads((high / "adapter_config.json").read_text()) | {"r": 1024}))
     adapters = {"demo": run_dir / "adapters", "dora": make_adapter(base, work / "dora", use_dora=True),
                 "modules_to_save": make_adapter(base, work / "mts", modules_to_save=["lm_head"]), "rank": high}
-    spec = {"messages": messages, "max_tokens": max_tokens,
-            "merged": str(run_dir / "merged"), "base": base, "adapter": str(run_dir / "adapters"),
-            "max_lora_rank": vllm_max_lora_rank(rank), "verdicts": {k: str(v) for k, v in adapters.items()},
-            "token_prompts": {"llama3": {"model": str(llama31_style["merged"]), "prompt_ids": llama3_prompt,
-                                         "max_tokens": 8}}}
-    return run_engine(spec, work) | {"adapters": adapters}
+    spec = {"jobs": [{"name": "merged", "model": str(run_dir / "merged"), "messages": messages, "max_tokens": max_tokens},
+                     {"name": "lora", "model": base, "adapter": str(run_dir / "adapters"), "messages": messages,
+                      "max_tokens": max_tokens, "max_lora_rank": vllm_max_lora_rank(rank)},
+                     {"name": "llama3", "model": str(llama31_style["merged"]), "prompt_ids": [llama3_prompt],
+                      "max_tokens": 8, "ignore_eos": True}],
+            "verdicts": {k: str(v) for k, v in adapters.items()}}
+    result = run_engine(spec, work)
+    jobs = result["jobs"]
+    return {"version": result["version"], "verdicts": result["verdicts"], "adapters": adapters,
+            "merged": [t.strip() for t in jobs["merged"]["texts"]], "lora": [t.strip() for t in jobs["lora"]["texts"]],
+            "llama3": jobs["llama3"]["token_ids"][0]}
 
 
 def test_vllm_answers_with_the_merged_model_as_evaluate_did(engine, run_dir):

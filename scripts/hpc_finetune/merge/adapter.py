@@ -40,14 +40,15 @@ def vllm_refusals(config: dict) -> list[str]:
     return found
 
 
-def check_servable_adapter(adapter_dir: str | os.PathLike) -> None:
-    """Refuse, before it is published, an adapter that vLLM would refuse to load (the merged model of a DoRA or
-    high-rank adapter is still servable: only the adapter itself is refused)."""
+def check_servable_adapter(adapter_dir: str | os.PathLike, merged_only: str = "hub_upload.publish: [merged]") -> None:
+    """Refuse, before it is published (Hub or bucket), an adapter that vLLM would refuse to load (the merged model
+    of a DoRA or high-rank adapter is still servable: only the adapter itself is refused). `merged_only`: the
+    setting that publishes the merged model only."""
     config = read_json(Path(adapter_dir) / "adapter_config.json", "adapter config")
     refused = vllm_refusals(config)
     if refused:
         raise StageError(f"adapter {adapter_dir} would be published but vLLM cannot serve it: {'; '.join(refused)}."
-                         " Or publish the merged model only (hub_upload.publish: [merged])")
+                         f" Or publish the merged model only ({merged_only})")
 
 
 def check_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> dict:

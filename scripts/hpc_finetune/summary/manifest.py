@@ -103,6 +103,11 @@ def load_metrics(run_dir: Path) -> dict:
     for key in ("base_eval_loss", "finetuned_eval_loss", "base_eval_exact_match", "eval_exact_match"):
         if key in evaluation:
             metrics[key] = evaluation[key]
+    serve = optional("serve_check")
+    if serve:  # served by vLLM: the hand-off checked (README, Serving)
+        metrics["serve_check"] = {"vllm_version": serve["vllm_version"], "dtype": serve["dtype"],
+                                  "prompts": serve["prompts"], "match_rate": {
+                                      name: item["match"]["match_rate"] for name, item in serve["served"].items()}}
     return metrics
 
 

@@ -202,6 +202,12 @@ def check_consistency(cfg: dict) -> None:
             f"config key training.lora_r: {train['lora_r']} is above the largest LoRA rank vLLM serves ({top}), and"
             f" hub_upload.publish includes the adapter: lower training.lora_r, or publish [merged] only"
         )
+    upload = cfg["upload"]
+    if upload["bucket"] and "adapters" in upload["include"] and train["lora_r"] > top:
+        raise ConfigError(
+            f"config key training.lora_r: {train['lora_r']} is above the largest LoRA rank vLLM serves ({top}), and"
+            f" upload.include sends the adapter: lower training.lora_r, or set upload.include: [merged]"
+        )
     if cfg["dataset"]["eval_fraction"] == 0 and train["early_stopping_patience"]:
         raise ConfigError(
             "config key training.early_stopping_patience needs held-out data: set dataset.eval_fraction above 0"

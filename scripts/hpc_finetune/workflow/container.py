@@ -147,12 +147,17 @@ def container_prefix(cfg: dict) -> str:
     in through the environment (container_environment), never on a command line (argv is visible to every user
     in ps). The caches (HF_HOME, TRITON_CACHE_DIR, XDG_CACHE_HOME) go to the bound scratch: the image is
     read-only. The scratch directory must exist (rules/common.smk creates it)."""
-    c = cfg["container"]
-    runtime = c["runtime"]
-    if runtime == "none":
+    if cfg["container"]["runtime"] == "none":
         return ""
-    if runtime == "charliecloud":
+    if cfg["container"]["runtime"] == "charliecloud":
         return shlex.join(charliecloud_command(cfg)) + " "
+    return container_command(cfg, cfg["container"]["runtime"], container_image(cfg))
+
+
+def container_command(cfg: dict, runtime: str, image: str) -> str:
+    """`<runtime> exec [--nv] --cleanenv --bind ... --env ... <image> ` for apptainer or singularity:
+    container_prefix for any image (the serve_check stage's vLLM image uses it too)."""
+    c = cfg["container"]
     cmd = [runtime, "exec"]
     if c["gpu"]:
         cmd.append("--nv")
@@ -161,7 +166,7 @@ def container_prefix(cfg: dict) -> str:
         cmd += ["--bind", bind]
     for name, value in image_environment(cfg).items():
         cmd += ["--env", f"{name}={value}"]
-    cmd.append(str(Path(container_image(cfg)).absolute()))
+    cmd.append(str(Path(image).expanduser().absolute()))
     return shlex.join(cmd) + " "
 
 

@@ -110,7 +110,15 @@ def summary_inputs(cfg: dict) -> dict[str, str]:
     if cfg["evaluate"]["enabled"]:
         inputs.update(evaluate=out(cfg, "metrics", "evaluate.json"), eval_samples=out(cfg, "eval", "samples.jsonl"),
                       eval_csv=out(cfg, "eval", "samples.csv"), eval_report=out(cfg, "eval", "report.txt"))
+    inputs.update(serve_check_inputs(cfg))
     return inputs
+
+
+def serve_check_inputs(cfg: dict) -> dict[str, str]:
+    """The serve_check stage's metrics, when it runs (hpc_finetune.serve.plan)."""
+    from hpc_finetune.serve.plan import serve_plan
+
+    return {"serve_check": out(cfg, "metrics", "serve_check.json")} if serve_plan(cfg).on else {}
 
 
 def report_inputs(cfg: dict) -> dict[str, str]:
