@@ -324,6 +324,8 @@ def main(cfg: Config) -> dict:
         metrics["groups"] = group_metrics(cfg.group_field, cfg.group_min_rows, groups, samples,
                                           {m: part["groups"] for m, part in scores.items()}, labels[0], tuple(scores))
     metrics["generation"] = generation_record(engine(cfg) if prompts else None, fast, generation_s)
+    if stored and stored.get("generation"):  # the base part's generation, as --part both records it
+        metrics["generation"]["models"] = stored["generation"]["models"] | metrics["generation"]["models"]
     write_jsonl(cfg.samples_out, samples)
     if cfg.part == "base":
         record = parts.base_record(metrics, base_scores, settings, key)

@@ -11,7 +11,7 @@ import pytest
 from support.common import write_rows
 from support.evaluate_stage import make_work, read_csv, run
 
-VOLATILE = {"wall_time_s", "peak_memory"}  # of the process, not of the models
+VOLATILE = {"wall_time_s", "peak_memory", "generation"}  # of the process, not of the models (generation: timings)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def test_the_two_parts_give_the_metrics_and_samples_of_both_at_once(work, merged
                            base_samples=str(work["root"] / "base.samples.jsonl"))
     strip = lambda m: {k: v for k, v in m.items() if k not in VOLATILE | {"samples_files"}}  # noqa: E731
     assert strip(metrics) == strip(json.loads(json.dumps(both))) and samples == both_samples
+    assert metrics["generation"]["engine"] == both["generation"]["engine"] == "transformers"
     assert read_csv(work["root"] / "tuned-part.samples.csv") == read_csv(work["root"] / "merged.samples.csv")
     report = (work["root"] / "tuned-part.report.txt").read_text()
     assert report.replace("tuned-part.", "merged.") == (work["root"] / "merged.report.txt").read_text()
