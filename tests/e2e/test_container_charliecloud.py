@@ -164,7 +164,7 @@ def test_stages_run_in_the_container_as_jobs_of_the_real_slurm_cluster(cpu_image
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-6000:]
     jobs = dict((rule, Path(log)) for log, rule in re.findall(
-        r"submitted with SLURM jobid \d+ \(log: (\S+/rule_(\w+)/\d+\.log)\)", text))
+        r"submitted with SLURM jobid \d+ \(log: (\S+/rule_(\w+)/(?:\S+/)?\d+\.log)\)", text))
     assert {"build_demo_model", "prepare_data"} <= jobs.keys(), text[-4000:]
     for rule in ("build_demo_model", "prepare_data"):
         log = jobs[rule] if jobs[rule].is_absolute() else workdir / jobs[rule]
