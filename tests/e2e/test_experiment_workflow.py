@@ -97,3 +97,13 @@ def test_changing_adding_or_removing_a_run_replans_only_its_jobs_and_the_leaderb
     (workdir / "config.yaml").write_text(experiment_config(lrs))
     assert planned_counts(run_workflow(workdir, "--dry-run")) == expected
     assert (workdir / "results" / "lr0.05_r8" / "manifest.json").is_file()  # a removed run's outputs stay
+
+
+def test_a_changed_evaluate_setting_replans_the_evaluations_and_no_training(experiment, tmp_path):
+    """An evaluate setting (a rule param, compared with the last run's: params built from the job's input files
+    are not, so none of the settings may be) re-runs the shared base evaluation and each run's evaluation, and
+    nothing before them."""
+    workdir = copy_project(experiment[0], tmp_path / "project")
+    counts = planned_counts(run_workflow(workdir, "--dry-run", "--config", "evaluate__max_new_tokens=8"))
+    assert counts.get("evaluate_base") == 1 and counts.get("evaluate") == 2, counts
+    assert not {"train", "merge", "prepare_data", "preflight"} & counts.keys(), counts

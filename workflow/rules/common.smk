@@ -349,7 +349,7 @@ def engine_args(cfg):
     )
 
 
-def serve_check_args(cfg, eval_path):
+def serve_check_args(cfg):
     """The serve_check stage's settings, the directories it serves and the data stage's directory."""
     return stage_args(
         **pick(
@@ -361,7 +361,7 @@ def serve_check_args(cfg, eval_path):
             "enforce_eager",
         ),
         **{k: d and out(cfg, d) for k, d in served_dirs(cfg).items()},
-        data_dir=os.path.dirname(eval_path),
+        data_dir=os.path.dirname(data_out(cfg, "eval.jsonl")),
     )
 
 

@@ -29,17 +29,19 @@ rule evaluate:
         # evaluate.engine vllm: vLLM's interpreter (rules/common.smk, engine_command)
         vllm=engine_command(of_run),
     params:
-        # in an experiment the base side comes from rule evaluate_base
-        args=lambda wildcards, input: evaluate_args(of_run(wildcards))
+        # no `input` in `args`: Snakemake compares only params that are not derived from the files with the
+        # last run's (a changed setting re-runs the stage)
+        args=lambda wildcards: evaluate_args(of_run(wildcards))
         + " "
-        + engine_args(of_run(wildcards))
-        + (
-            f" --part finetuned --base-metrics {input.base_metrics} --base-samples {input.base_samples}"
+        + engine_args(of_run(wildcards)),
+        # in an experiment the base side comes from rule evaluate_base
+        part=lambda wildcards, input: (
+            f"--part finetuned --base-metrics {input.base_metrics} --base-samples {input.base_samples}"
             if EXPERIMENT
             else ""
         ),
     shell:
-        "{resources.in_image}python {input.script} {params.args} --model-json {input.model}"
+        "{resources.in_image}python {input.script} {params.args} {params.part} --model-json {input.model}"
         " --finetuned {input.finetuned} --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
         " --metrics-out {output.metrics} --samples-out {output.samples} --samples-csv {output.csv}"
         " --report-out {output.report} --vllm={resources.vllm:q} > {log} 2>&1"

@@ -65,12 +65,15 @@ rule plots:
         # the run's directory: metrics/train.json's grandparent; the pages go next to overview.html
         run_dir=lambda wildcards, input: Path(input.train).parent.parent,
         out_dir=lambda wildcards, output: Path(output.overview).parent,
-        args=lambda wildcards, input: stage_args(
+        # no `input` in `args`: Snakemake compares only params not derived from the files with the last run's
+        args=lambda wildcards: stage_args(
             evaluate=of_run(wildcards)["evaluate"]["enabled"],
             mlflow=of_run(wildcards)["tracking"]["mlflow"],
             mlflow_experiment=of_run(wildcards)["tracking"]["experiment"],
-            **({"data_report": input.data} if EXPERIMENT else {}),
+        ),
+        data=lambda wildcards, input: (
+            f"--data-report {input.data}" if EXPERIMENT else ""
         ),
     shell:
-        "python {input.script} {params.args} --run-dir {params.run_dir} --config-json {params.config:q}"
+        "python {input.script} {params.args} {params.data} --run-dir {params.run_dir} --config-json {params.config:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"

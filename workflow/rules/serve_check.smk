@@ -34,7 +34,7 @@ rule serve_check:
         # vLLM's interpreter: a resource, so that moving the project (the image's bind paths) re-runs nothing
         vllm=lambda wildcards: SERVE[wildcards.run].command,
     params:
-        args=lambda wildcards, input: serve_check_args(of_run(wildcards), input.eval),
+        args=lambda wildcards: serve_check_args(of_run(wildcards)),
     shell:
         "python {input.script} --vllm={resources.vllm:q} {params.args} --model-json {input.model}"
         " --samples {input.samples} --evaluate-json {input.evaluate}"

@@ -33,20 +33,19 @@ def run_engine(command: str | list[str], spec: dict, workdir: Path, log_path: Pa
     """serve/engine.py on `spec` with vLLM's interpreter `command` (a path, or `apptainer exec ... img python3`):
     its JSON results. vLLM's output goes to `log_path` (else workdir/vllm.log); `env` is added to its environment;
     a crash raises EngineError with the end of its output."""
+    workdir = Path(workdir).absolute()  # the spec's model paths stay relative to our working directory
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out = workdir / "vllm-spec.json", workdir / "vllm-out.json"
     spec_path.write_text(json.dumps(spec))
     out.unlink(missing_ok=True)
     argv = (shlex.split(command) if isinstance(command, str) else list(command)) + [
         str(ENGINE_SCRIPT), str(spec_path), str(out)]
-    if "/" in argv[0] and Path(argv[0]).exists():  # vLLM runs in `workdir`: a relative interpreter path would break
-        argv[0] = str(Path(argv[0]).absolute())
     log_path = log_path or workdir / "vllm.log"
     started = time.time()
     log.info("starting vLLM: %s (its output: %s)", shlex.join(argv[:-3]), log_path)
     with open(log_path, "w") as sink:
         try:
-            rc = subprocess.run(argv, cwd=workdir, env=vllm_environ() | (env or {}), stdout=sink, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(argv, env=vllm_environ() | (env or {}), stdout=sink, stderr=subprocess.STDOUT).returncode
         except FileNotFoundError as err:
             raise EngineError(f"vLLM's interpreter {argv[0]} cannot be started ({err}); set serve_check.python to "
                               "vLLM's Python (README, Serving)") from None
