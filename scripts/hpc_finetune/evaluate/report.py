@@ -9,7 +9,6 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from hpc_finetune.evaluate.groups import group_text
 from hpc_finetune.evaluate.labels import UNMATCHED
 from hpc_finetune.evaluate.metrics import MODELS
 from hpc_finetune.io.cli import plural
@@ -135,3 +134,40 @@ def write_samples_csv(path: str | Path, samples: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(samples)
     tmp.replace(path)
+
+
+# The groups section of evaluate.json (hpc_finetune.evaluate.groups) as tables people read.
+
+
+def group_tables(section: dict) -> dict:
+    """The groups section as tables people read (eval/report.txt and the HTML report): `metrics` (header, rows:
+    every metric per scored group, 'base -> fine-tuned'), `small` (the groups too small to score, why), `rates`
+    (header, rows: FPR and FNR per group, model and label) and `worst` (one line per model)."""
+    scored = {g: e for g, e in section["groups"].items() if e["scored"]}
+    keys = list(next(iter(scored.values()))["metrics"]) if scored else []
+    both = lambda v: f"{fmt(v['base'])} -> {fmt(v['finetuned'])}" if "finetuned" in v else fmt(v["base"])  # noqa: E731
+    rates = [[g, model, label, fmt(r["false_positive_rate"]), fmt(r["false_negative_rate"]), str(r["positives"]),
+              str(r["negatives"])]
+             for g, e in scored.items() for model, per in e.get("error_rates", {}).items() for label, r in per.items()]
+    return {
+        "title": f"Groups: evaluate.group_field {section['field']!r}; a group needs at least {section['min_rows']} "
+                 "scored rows (evaluate.group_min_rows)",
+        "metrics": (["group", "rows", *(NAMES.get(k, k) for k in keys)],
+                    [[g, str(e["rows"]), *(both(e["metrics"][k]) for k in keys)] for g, e in scored.items()]),
+        "small": [f"{g}: {e['reason']}" for g, e in section["groups"].items() if not e["scored"]],
+        "rates": (["group", "model", "label", "FPR", "FNR", "positives", "negatives"], rates),
+        "worst": [f"worst group ({model}): {w['group']} by {NAMES.get(w['metric'], w['metric'])} {fmt(w['value'])}"
+                  for model, w in section["worst"].items() if w],
+    }
+
+
+RATES_TITLE = "False-positive / false-negative rate per group, model and label (one label against the rest)"
+
+
+def group_text(section: dict) -> list[str]:
+    """The groups part of eval/report.txt (group_tables as text)."""
+    tables = group_tables(section)
+    out = ["", tables["title"], *text_table(*tables["metrics"]), *tables["small"]]
+    if tables["rates"][1]:
+        out += ["", RATES_TITLE, *text_table(*tables["rates"])]
+    return out + tables["worst"]

@@ -64,7 +64,6 @@ def evaluation_html(metrics: dict, samples: list[dict], max_answers: int = 6) ->
     answers_table = html_table(columns, [[prompt_tail(s.get(k)) if k == "prompt" else cut(s.get(k))
                                           for k in columns] for s in shown], "answers")
     if metrics.get("groups"):  # evaluate.group_field
-        from hpc_finetune.evaluate.groups import group_html
 
         table += group_html(metrics["groups"])
     return (f"<h2>Base vs fine-tuned</h2>{table}<h2>Answers side by side</h2>"
@@ -127,3 +126,15 @@ img {{ max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }}
 {body}
 </body></html>
 """
+
+
+def group_html(section: dict) -> str:
+    """The groups part of the HTML report's evaluation (group_tables as HTML)."""
+    from hpc_finetune.evaluate.report import RATES_TITLE, group_tables
+
+    tables = group_tables(section)
+    out = [f"<h2>Per group</h2><p>{html.escape(tables['title'])}</p>", html_table(*tables["metrics"], "metrics")]
+    out += [f"<p>{html.escape(line)}</p>" for line in tables["small"]]
+    if tables["rates"][1]:
+        out += [f"<p>{html.escape(RATES_TITLE)}</p>", html_table(*tables["rates"], "metrics")]
+    return "".join(out + [f"<p>{html.escape(line)}</p>" for line in tables["worst"]])
