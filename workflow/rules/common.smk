@@ -334,17 +334,18 @@ def gpu_resources(of):
 # evaluate.engine vllm without one, stops the workflow before anything runs.
 try:
     SERVE = {name: serve_plan(cfg) for name, cfg in TRAINED.items()}
-    for _cfg in RUNS.values():
-        evaluate_engine(_cfg)
+    # (engine, vLLM command) of each run's evaluate job and of each shared base evaluation, resolved once here
+    ENGINE = {name: evaluate_engine(cfg) for name, cfg in RUNS.items()}
+    BASE_ENGINE = {key: evaluate_engine(cfg) for key, cfg in BASES.items()}
 except ConfigError as err:
     sys.exit(f"vLLM not usable (fix it before anything runs):\n{err}")
 
 
-def engine_args(cfg):
-    """The evaluate stage's generator (evaluate.engine, auto resolved) as arguments; its vLLM command is the
-    rule's resource `vllm` (engine_command)."""
+def engine_args(cfg, engine):
+    """The evaluate stage's generator (ENGINE, BASE_ENGINE: evaluate.engine, auto resolved) as arguments; its vLLM
+    command is the rule's resource `vllm`."""
     return stage_args(
-        engine=evaluate_engine(cfg)[0],
+        engine=engine[0],
         vllm_enforce_eager=cfg["serve_check"]["enforce_eager"],
     )
 
@@ -363,7 +364,3 @@ def serve_check_args(cfg):
         **{k: d and out(cfg, d) for k, d in served_dirs(cfg).items()},
         data_dir=os.path.dirname(data_out(cfg, "eval.jsonl")),
     )
-
-
-def engine_command(of):
-    return lambda wildcards: evaluate_engine(of(wildcards))[1]

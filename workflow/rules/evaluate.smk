@@ -26,14 +26,14 @@ rule evaluate:
     resources:
         **gpu_resources(of_run),
         in_image=IN_IMAGE,
-        # evaluate.engine vllm: vLLM's interpreter (rules/common.smk, engine_command)
-        vllm=engine_command(of_run),
+        # evaluate.engine vllm: vLLM's interpreter (rules/common.smk, ENGINE)
+        vllm=lambda wildcards: ENGINE[wildcards.run][1],
     params:
         # no `input` in `args`: Snakemake compares only params that are not derived from the files with the
         # last run's (a changed setting re-runs the stage)
         args=lambda wildcards: evaluate_args(of_run(wildcards))
         + " "
-        + engine_args(of_run(wildcards)),
+        + engine_args(of_run(wildcards), ENGINE[wildcards.run]),
         # in an experiment the base side comes from rule evaluate_base
         part=lambda wildcards, input: (
             f"--part finetuned --base-metrics {input.base_metrics} --base-samples {input.base_samples}"
@@ -68,11 +68,11 @@ rule evaluate_base:
     resources:
         **gpu_resources(of_base),
         in_image=IN_IMAGE,
-        vllm=engine_command(of_base),
+        vllm=lambda wildcards: BASE_ENGINE[wildcards.bkey][1],
     params:
         args=lambda wildcards: evaluate_args(of_base(wildcards), finetuned=False)
         + " "
-        + engine_args(of_base(wildcards)),
+        + engine_args(of_base(wildcards), BASE_ENGINE[wildcards.bkey]),
     shell:
         "{resources.in_image}python {input.script} {params.args} --part base --model-json {input.model}"
         " --train-data {input.train} --eval-data {input.eval} --test-data {input.test}"
