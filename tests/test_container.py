@@ -199,13 +199,26 @@ def test_a_moved_lfs_revision_is_noticed_only_when_an_update_is_asked_for(sif, p
     assert moved != first and workflow_container.lfs_pin(cfg) == moved  # the remote moved: the container rule's param changes
 
 
-def test_the_squashfs_partition_is_extracted_for_charliecloud_and_anything_else_refused(siftool, tmp_path):
-    payload = b"hsqs" + bytes(range(256)) * 300
+def test_the_squashfs_partition_is_extracted_for_charliecloud_with_a_mount_point_for_each_root(siftool, tmp_path):
+    """ch-run cannot create a bind's destination in the read-only image: a project under a root the image lacks
+    (CI's checkout under /check) gets an empty directory appended, and nothing of the image changes."""
+    tree = tmp_path / "tree"
+    (tree / "work").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    (tree / "etc" / "motd").write_text("the image's own file\n")
+    subprocess.run(["mksquashfs", str(tree), str(tmp_path / "root.sqfs"), "-quiet", "-no-progress"], check=True)
+    payload = (tmp_path / "root.sqfs").read_bytes()
     image = container_standin.make_sif(tmp_path / "fs.sif", payload=payload)
     offset, size = sif_check.partition(image)
-    info = sif_check.extract_squashfs(image, tmp_path / "fs.sqfs")
-    assert (tmp_path / "fs.sqfs").read_bytes() == payload and info["squashfs_size"] == size == len(payload)
-    assert image.read_bytes()[offset:offset + 4] == b"hsqs"
+    info = sif_check.extract_squashfs(image, tmp_path / "fs.sqfs", roots=["/work", "/check", "/fs1"])
+    assert info["mount_points_added"] == ["/check", "/fs1"] and size == len(payload)
+    assert info["mount_points"] == ["/check", "/etc", "/fs1", "/work"] == sif_check.squashfs_roots(tmp_path / "fs.sqfs")
+    motd = subprocess.run(["unsquashfs", "-cat", str(tmp_path / "fs.sqfs"), "etc/motd"], capture_output=True, text=True)
+    assert motd.stdout == "the image's own file\n" and image.read_bytes()[offset:offset + size] == payload
+    again = sif_check.extract_squashfs(image, tmp_path / "again.sqfs", roots=["/work", "/etc"])
+    assert again["mount_points_added"] == [] and (tmp_path / "again.sqfs").read_bytes() == payload
+    with_host = sif_check.extract_squashfs(image, tmp_path / "host.sqfs")  # default: the host's top level
+    assert {"/tmp", "/" + tmp_path.parts[1]} <= set(with_host["mount_points"])
     with pytest.raises(StageError, match="not SquashFS"):
         sif_check.extract_squashfs(container_standin.make_sif(tmp_path / "x.sif"), tmp_path / "x.sqfs")
     assert not (tmp_path / "x.sqfs").exists() and not list(tmp_path.glob(".x.sqfs*"))

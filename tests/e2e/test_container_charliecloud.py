@@ -92,6 +92,24 @@ def test_a_missing_ch_run_or_user_stops_the_workflow_with_the_fix(tmp_path, monk
         workflow_container.check_container(cfg)
 
 
+def test_a_bound_root_the_image_has_no_mount_point_for_stops_the_workflow_with_the_fix(tmp_path, monkeypatch):
+    """The container stage records the SquashFS's top-level directories; a job binding under another root would
+    fail in ch-run ("can't mkdir ... Read-only file system"), so the workflow stops at parse time instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("USER", os.environ.get("USER") or "root")
+    cfg = resolve_config({"run_name": "demo", "container__runtime": "charliecloud", "container__source": "build"})
+    record = Path(workflow_container.container_image(cfg) + ".json")
+    record.parent.mkdir(parents=True)
+    assert workflow_container.charliecloud_outputs(cfg) == [str(workflow_container.charliecloud_squashfs(cfg))]
+    roots = sorted({dst for _, dst in workflow_container.charliecloud_mounts(cfg) if dst.count("/") == 1})
+    record.write_text(json.dumps({"mount_points": [*roots, "/etc"]}))
+    workflow_container.check_mount_points(cfg)
+    record.write_text(json.dumps({"mount_points": ["/etc", "/tmp"]}))
+    missing = next(r for r in roots if r != "/tmp")
+    with pytest.raises(ConfigError, match=rf"no mount point for .*{missing}.*Delete {record}"):
+        workflow_container.check_mount_points(cfg)
+
+
 def test_the_cpu_image_is_a_real_sif_with_a_squashfs_holding_exactly_the_lock(ch_demo):
     image = ch_demo["image"]
     offset, size = sif_check.partition(image["sif"])

@@ -41,6 +41,7 @@ from hpc_finetune.workflow.experiment import (
     resolve_experiment,
 )
 from hpc_finetune.workflow.container import (
+    charliecloud_outputs,
     check_container,
     container_build_inputs,
     container_definition,

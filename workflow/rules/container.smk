@@ -22,6 +22,7 @@ rule container_image:
     output:
         image=container_image(config),
         record=container_image(config) + ".json",
+        squashfs=charliecloud_outputs(config),
     log:
         container_image(config) + ".log",
     localrule: True

@@ -6,7 +6,10 @@ only then, so a bad one never replaces a good one.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import subprocess
+import tempfile
 from pathlib import Path
 
 from hpc_finetune.io.cli import StageError
@@ -109,9 +112,53 @@ def partition(path: str | os.PathLike) -> tuple[int, int]:
     raise StageError(f"image {path} holds no file system partition")
 
 
-def extract_squashfs(sif: str | os.PathLike, out: Path) -> dict:
+# Top-level names of the host that are never bind roots (the runtime mounts its own, or they are not directories
+# a project lives under).
+NOT_MOUNT_ROOTS = {"proc", "sys", "dev", "run", "lost+found", "boot", "snap"}
+
+
+def host_roots() -> list[str]:
+    """The host's top-level directories: every absolute path a job binds lies under one of them."""
+    return sorted(f"/{p.name}" for p in Path("/").iterdir()
+                  if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and p.name not in NOT_MOUNT_ROOTS)
+
+
+def squashfs_roots(image: Path) -> list[str]:
+    """The top-level entries of a SquashFS file (unsquashfs -l, one level: fast on any size)."""
+    listed = subprocess.run(["unsquashfs", "-d", "", "-max-depth", "1", "-l", str(image)],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise StageError(f"unsquashfs cannot list {image}: {listed.stderr.strip()[-500:]}")
+    return sorted(line for line in listed.stdout.splitlines() if line.startswith("/") and line.count("/") == 1)
+
+
+def add_mount_points(image: Path, roots: list[str]) -> list[str]:
+    """Append an empty directory for each root the SquashFS lacks (mksquashfs appends without recompressing what
+    is there): Charliecloud's ch-run cannot create a bind's destination in a read-only image, and a project under
+    a root the image does not have (/check, /fs1, ...) would fail in every job. Returns the roots added."""
+    missing = sorted(set(roots) - set(squashfs_roots(image)))
+    if not missing:
+        return []
+    if shutil.which("mksquashfs") is None:
+        raise StageError(f"the image lacks the mount points {', '.join(missing)} for the bound paths, and adding "
+                         "them needs mksquashfs: install squashfs-tools (apt-get install squashfs-tools)")
+    with tempfile.TemporaryDirectory(prefix=".mount-points-", dir=image.parent) as tmp:
+        dirs = []
+        for root in missing:
+            (Path(tmp) / root.lstrip("/")).mkdir()
+            dirs.append(str(Path(tmp) / root.lstrip("/")))
+        added = subprocess.run(["mksquashfs", *dirs, str(image), "-no-recovery", "-quiet", "-no-progress"],
+                               capture_output=True, text=True)
+    if added.returncode != 0:
+        raise StageError(f"mksquashfs could not add the mount points {', '.join(missing)} to {image}: "
+                         f"{(added.stderr or added.stdout).strip()[-500:]}")
+    return missing
+
+
+def extract_squashfs(sif: str | os.PathLike, out: Path, roots: list[str] | None = None) -> dict:
     """Write the SIF's root file system (SquashFS) to `out`, for runtimes that mount a SquashFS file rather than
-    a SIF (Charliecloud's ch-run); published at `out` only when it is complete and is a SquashFS."""
+    a SIF (Charliecloud's ch-run), with a mount point for each of `roots` (default: the host's top-level
+    directories); published at `out` only when it is complete and is a SquashFS."""
     offset, size = partition(sif)
     tmp = out.parent / f".{out.name}.extracting"
     with open(sif, "rb") as src, open(tmp, "wb") as dst:
@@ -127,5 +174,12 @@ def extract_squashfs(sif: str | os.PathLike, out: Path) -> dict:
         if fh.read(4) != b"hsqs":
             tmp.unlink()
             raise StageError(f"image {sif}: its file system partition is not SquashFS (Charliecloud needs SquashFS)")
+    try:
+        added = add_mount_points(tmp, host_roots() if roots is None else roots)
+        mount_points = squashfs_roots(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
-    return {"squashfs": str(out), "squashfs_size": size}
+    return {"squashfs": str(out), "squashfs_size": out.stat().st_size, "mount_points_added": added,
+            "mount_points": mount_points}

@@ -42,6 +42,8 @@ def check_container(cfg: dict) -> None:
         )
     if runtime == "charliecloud" and not os.environ.get("USER"):
         raise ConfigError("config key container.runtime: charliecloud's ch-run needs $USER set (export USER=...)")
+    if runtime == "charliecloud":
+        check_mount_points(cfg)
     source = c["source"]
     if source == "path":
         if not c["path"]:
@@ -211,6 +213,26 @@ def charliecloud_mounts(cfg: dict) -> list[tuple[str, str]]:
     binds = [b.split(":")[:2] if ":" in b else [b, b] for b in container_binds(cfg)]
     roots = sorted({"/" + Path(dst).parts[1] for _, dst in binds} | {"/tmp"})
     return [(str(skeleton / root.lstrip("/")), root) for root in roots] + [(src, dst) for src, dst in binds]
+
+
+def charliecloud_outputs(cfg: dict) -> list[str]:
+    """What the container stage writes for ch-run besides the SIF: its SquashFS (a rule output, so a deleted one
+    is made again)."""
+    return [str(charliecloud_squashfs(cfg))] if cfg["container"]["runtime"] == "charliecloud" else []
+
+
+def check_mount_points(cfg: dict) -> None:
+    """At parse time: every root a job binds under is a mount point of the SquashFS the container stage made
+    (it adds the host's top-level directories; a root made on the host since then is not in it)."""
+    record = Path(container_image(cfg) + ".json")
+    have = json.loads(record.read_text()).get("mount_points") if record.is_file() else None
+    roots = {dst for _, dst in charliecloud_mounts(cfg) if dst.count("/") == 1}
+    if have is not None and roots - set(have):
+        raise ConfigError(
+            f"container.runtime charliecloud: the image {charliecloud_squashfs(cfg)} has no mount point for "
+            f"{', '.join(sorted(roots - set(have)))}, under which this workflow binds paths, and ch-run cannot "
+            f"create one in a read-only image. Delete {record} and run again: the container stage adds a mount "
+            "point for each top-level directory of the host")
 
 
 def charliecloud_command(cfg: dict) -> list[str]:
