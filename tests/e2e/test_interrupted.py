@@ -19,7 +19,9 @@ import pytest
 from support.workflow import copy_project, run_workflow, stage_pid, wait_for, workflow_command
 
 pytestmark = pytest.mark.e2e
-MAX_STEPS, SAVE_STEPS = 240, 40
+# Short: the kill is timed by stopping the trainer (SIGSTOP) the moment it has gone past a complete checkpoint, not
+# by a window wide enough for a poll, so three save periods are enough.
+MAX_STEPS, SAVE_STEPS = 30, 10
 SHORT_RUN = ("--config", f"training__max_steps={MAX_STEPS}", f"training__save_steps={SAVE_STEPS}",
              f"training__eval_steps={SAVE_STEPS}", "training__logging_steps=5")
 
@@ -52,21 +54,23 @@ def trainer_pid(workdir: Path) -> int | None:
 
 def kill_between_checkpoints(workdir: Path, victim: str) -> tuple[int, int]:
     """Start the short run; once the first periodic checkpoint is complete and training has gone on past it,
-    SIGKILL the trainer ('trainer') or the Snakemake controller ('controller'). (checkpoint, last logged step)
-    at the moment of the kill."""
+    stop the trainer where it is (SIGSTOP: no step or save goes on while the state is read), then SIGKILL it
+    ('trainer'), or SIGKILL the Snakemake controller and let the trainer go on ('controller'). (checkpoint, last
+    logged step) at the moment of the kill."""
     run, log = workdir / "results" / "demo", workdir / "results" / "demo" / "logs" / "train.log"
     controller = start(workdir)
     try:
-        wait_for(lambda: SAVE_STEPS in complete_checkpoints(run), f"checkpoint-{SAVE_STEPS}")
         wait_for(lambda: any(s > SAVE_STEPS for s in logged_steps(log)), f"a step after {SAVE_STEPS}")
+        trainer = trainer_pid(workdir)
+        os.kill(trainer, signal.SIGSTOP)
+        checkpoint, step = complete_checkpoints(run)[-1], logged_steps(log)[-1]
         if victim == "trainer":
-            os.kill(trainer_pid(workdir), signal.SIGKILL)
-            checkpoint, step = complete_checkpoints(run)[-1], logged_steps(log)[-1]
+            os.kill(trainer, signal.SIGKILL)
             assert controller.wait(120) != 0
         else:
             controller.kill()
             controller.wait(10)
-            checkpoint, step = complete_checkpoints(run)[-1], logged_steps(log)[-1]
+            os.kill(trainer, signal.SIGCONT)
     finally:
         if controller.poll() is None:
             controller.kill()
