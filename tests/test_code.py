@@ -15,7 +15,8 @@ def package(root: Path) -> Path:
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("import json\n\ndef f():\n    from hpc_finetune.sub import b\n    return b\n")
-    (pkg / "sub" / "b.py").write_text("X = 1\n")
+    (pkg / "sub" / "b.py").write_text("X = 1\nRUNS = Path(__file__).with_name('tool.py')\n")
+    (pkg / "sub" / "tool.py").write_text("print('run in a subprocess, never imported')\n")
     (pkg / "c.py").write_text("Y = 2\n")
     (root / "prog.py").write_text("import os\nfrom hpc_finetune import a\n")
     return root / "prog.py"
@@ -25,7 +26,7 @@ def test_the_closure_follows_imports_inside_functions_and_packages(tmp_path):
     program = package(tmp_path)
     names = [str(p.relative_to(tmp_path)) for p in code.closure(program, root=tmp_path)]
     assert names == ["prog.py", "hpc_finetune/__init__.py", "hpc_finetune/a.py", "hpc_finetune/sub/__init__.py",
-                     "hpc_finetune/sub/b.py"]
+                     "hpc_finetune/sub/b.py", "hpc_finetune/sub/tool.py"]
 
 
 def test_the_digest_changes_with_any_file_of_the_closure_only(tmp_path):
@@ -49,3 +50,5 @@ def test_each_stage_depends_on_its_own_library_modules():
     every = ("build_demo_model", "prepare_model", "prepare_data", "preflight", "train", "merge", "evaluate",
              "summary", "upload", "container")
     assert all("hpc_finetune/io/cli.py" in modules(p) for p in every)
+    # vLLM's engine driver is run, not imported: still code of the stages that start it
+    assert "hpc_finetune/serve/engine.py" in modules("evaluate") & modules("serve_check")

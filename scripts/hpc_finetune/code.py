@@ -21,6 +21,9 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent  # scripts/: the package an
 # only adds a file.
 _FROM = re.compile(rf"^[ \t]*from[ \t]+({PACKAGE}(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]*)", re.M)
 _IMPORT = re.compile(rf"^[ \t]*import[ \t]+({PACKAGE}(?:\.\w+)*)", re.M)
+# A program a module runs in a subprocess, named next to it (`Path(__file__)...with_name("engine.py")`: vLLM's
+# engine driver, run by another interpreter): not imported, but the stage's behaviour depends on it just the same.
+_RUNS = re.compile(r"""with_name\(\s*["'](\w+\.py)["']\s*\)""")
 
 
 @functools.cache
@@ -68,6 +71,7 @@ def closure(*programs: str | Path, root: Path = SOURCE_ROOT) -> list[Path]:
         seen[path] = None
         for name in _imports(path):
             todo += [f for f in _files(name, root) if f not in seen]
+        todo += [path.with_name(name) for name in _RUNS.findall(path.read_text()) if path.with_name(name).is_file()]
     return sorted(seen, key=lambda p: (p.suffix != ".py" or PACKAGE in p.parts, str(p)))
 
 
