@@ -50,5 +50,5 @@ include: "workflow/rules/leaderboard.smk"
 rule all:
     default_target: True
     input:
-        [final_targets(cfg) for cfg in TRAINED.values()],
+        [final_targets(cfg, ARTIFACTS[name]) for name, cfg in TRAINED.items()],
         rules.leaderboard.output if EXPERIMENT else [],

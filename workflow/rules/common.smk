@@ -340,6 +340,8 @@ try:
     BASE_ENGINE = {key: evaluate_engine(cfg) for key, cfg in BASES.items()}
 except ConfigError as err:
     sys.exit(f"vLLM not usable (fix it before anything runs):\n{err}")
+# Each run's artifacts (the summary's inputs, the manifest's list, the controller's deliverables), resolved once.
+ARTIFACTS = {name: summary_inputs(cfg, SERVE[name].on) for name, cfg in TRAINED.items()}
 
 
 def engine_args(cfg, engine):

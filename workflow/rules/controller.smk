@@ -12,8 +12,8 @@
 # One controller per run (an experiment's runs each have their directory, manifest and lock).
 if workflow.is_main_process:
     CONTROLLERS = [
-        Controller(out(cfg), list(summary_inputs(cfg).values()), workflow)
-        for cfg in TRAINED.values()
+        Controller(out(cfg), list(ARTIFACTS[name].values()), workflow)
+        for name, cfg in TRAINED.items()
     ]
     for _controller in CONTROLLERS:
         _controller.at_parse()

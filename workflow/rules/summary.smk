@@ -5,7 +5,7 @@
 
 rule summary:
     input:
-        unpack(lambda wildcards: summary_inputs(of_run(wildcards))),
+        unpack(lambda wildcards: ARTIFACTS[wildcards.run]),
         script=script("summary"),
         code=code_inputs("summary"),
     output:
@@ -24,7 +24,7 @@ rule summary:
         config=lambda wildcards: summary_config(of_run(wildcards)),
         # what the manifest lists: the files of these inputs (the run's targets) and training.env
         artifacts=lambda wildcards: stage_args(
-            artifacts=list(summary_inputs(of_run(wildcards)).values()),
+            artifacts=list(ARTIFACTS[wildcards.run].values()),
             **(
                 {"model_json": model_out(of_run(wildcards), "model.json")}
                 if EXPERIMENT
