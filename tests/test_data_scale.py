@@ -125,3 +125,42 @@ def test_csv_and_parquet_stream_like_json_lines(tmp_path):
         tracemalloc.stop()
         assert count == n and row == {"prompt": f"question {n - 1}", "completion": f"answer {n - 1}"}
         assert heap_peak < 4 << 20 and arrow_peak < 32 << 20, (name, heap_peak, arrow_peak)
+
+
+def test_a_repository_of_several_shards_is_read_a_batch_at_a_time(tmp_path):
+    """What a hub dataset's snapshot and an s3:// prefix become on disk (hpc_finetune.data.hub, .remote): a directory
+    of data files named by split, here 100k training rows in four Parquet shards and a test shard (one format for
+    every split: datasets refuses a mix, and the stage says so with the formats it found). Read
+    through datasets' memory-mapped Arrow form: every row once, in shard order, and the Python heap a few MB while
+    reading (the rows would take ~40 MB as Python objects)."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hpc_finetune.data.readers import read_splits
+
+    n, shards = 100_000, 4
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    per = n // shards
+    for s in range(shards):
+        ids = range(s * per, (s + 1) * per)
+        pq.write_table(pa.table({"prompt": [f"question {i}" for i in ids], "completion": [f"answer {i}" for i in ids]}),
+                       repo / "data" / f"train-{s:05d}-of-{shards:05d}.parquet", row_group_size=10_000)
+    pq.write_table(pa.table({"prompt": [f"held out {i}" for i in range(100)],
+                             "completion": [f"answer {i}" for i in range(100)]}),
+                   repo / "data" / "test-00000-of-00001.parquet")
+    splits = read_splits(repo, None, cache_dir=str(tmp_path / "arrow"))
+    assert sorted(splits) == ["test", "train"]
+    rows = splits["train"]()
+    assert len(rows) == n and rows.columns() == ["prompt", "completion"]
+    tracemalloc.start()
+    count = 0
+    for count, row in enumerate(rows, start=1):
+        if count % 20_000 == 1:
+            assert row == {"prompt": f"question {count - 1}", "completion": f"answer {count - 1}"}
+    heap_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == n and row == {"prompt": f"question {n - 1}", "completion": f"answer {n - 1}"}
+    assert heap_peak < 4 << 20, heap_peak
+    assert [r["prompt"] for r in splits["test"]()][:2] == ["held out 0", "held out 1"]

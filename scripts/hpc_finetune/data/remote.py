@@ -1,6 +1,6 @@
 """Datasets in buckets: `dataset.path: s3://bucket/file.jsonl` (any file type the data stage reads) or
 `s3://bucket/prefix/` (data files under it, e.g. shards named by split as in a dataset repository:
-train-00000.parquet, validation-00000.jsonl).
+train-00000.parquet, validation-00000.parquet; one file type for every split, as datasets requires).
 
 The workflow lists the objects when it starts (list_s3; one paginated ListObjectsV2) and names the cache after
 them (Listing.digest: bucket, keys, ETags and sizes), so an overwritten object is a new cache directory and the data
