@@ -7,7 +7,10 @@ re-plans only that run's jobs and the leaderboard."""
 from __future__ import annotations
 
 import csv
+import json
+import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 import yaml
@@ -107,3 +110,23 @@ def test_a_changed_evaluate_setting_replans_the_evaluations_and_no_training(expe
     counts = planned_counts(run_workflow(workdir, "--dry-run", "--config", "evaluate__max_new_tokens=8"))
     assert counts.get("evaluate_base") == 1 and counts.get("evaluate") == 2, counts
     assert not {"train", "merge", "prepare_data", "preflight"} & counts.keys(), counts
+
+
+def test_the_report_of_an_experiment_opens_on_the_leaderboard_and_tells_the_runs_apart(experiment, tmp_path):
+    """`snakemake --report` over the finished experiment: the leaderboard (page and figures) is the first category,
+    and every run's pages and figures are there once, each labelled with its run."""
+    workdir = copy_project(experiment[0], tmp_path / "project")
+    report = tmp_path / "report.html"
+    run_workflow(workdir, "--report", str(report))
+    text = report.read_text()
+    results = json.loads(re.search(r"var results = (\{.*?\});\n", text, re.S).group(1))
+    categories = json.loads(re.search(r"var categories = (\{.*?\});\n", text, re.S).group(1))
+    assert next(iter(categories)) == "0. Leaderboard", list(categories)
+    board = {Path(path).name: res for path, res in results.items() if "/leaderboard/" in path}
+    assert {"leaderboard.html", "metric.png"} <= board.keys(), sorted(board)
+    runs = ["lr5e-3_r8", "lr0.05_r8"]  # named from LRS, as the leaderboard test has them
+    overviews = {res["labels"]["run"]: path for path, res in results.items() if path.endswith("overview.html")}
+    assert sorted(overviews) == sorted(runs) and all(f"/{run}/report/" in overviews[run] for run in runs)
+    for name in ("curves.png", "evaluation.html", "config.html"):
+        labelled = sorted(res["labels"]["run"] for path, res in results.items() if path.endswith(name))
+        assert labelled == sorted(runs), name

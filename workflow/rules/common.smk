@@ -108,6 +108,12 @@ def of_run(wildcards):
     return RUNS[wildcards.run]
 
 
+def run_labels(**labels):
+    """The `snakemake --report` labels of a run's page or figure: in an experiment the run comes first, so that each
+    category's table tells the runs apart (Snakemake fills in {run})."""
+    return {"run": "{run}", **labels} if EXPERIMENT else labels
+
+
 def of_model(wildcards):
     return MODELS[wildcards.mkey]
 
