@@ -58,13 +58,17 @@ def test_bench_data_measures_the_data_stage_and_the_train_loading(tmp_path, tiny
 
     shutil.copytree(tiny_model, tmp_path / "data" / "model")  # what bench.py would build first
     out = tmp_path / "data.json"
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "tools" / "bench.py"), "data", "--rows", "600", "--work",
-                           str(tmp_path), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "tools" / "bench.py"), "data", "--rows", "600", "--formats",
+                           "jsonl", "csv", "parquet", "--work", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "600 rows" in proc.stdout and "rows/s" in proc.stdout
-    (size,) = json.loads(out.read_text())["sizes"]
-    assert size["rows"] == 600 and size["kept"] == 600 - 6 - 1 and size["rows_per_s"] > 0 and size["rows_per_cpu_s"] > 0
-    assert size["peak_rss_mb"] > 100 and size["train_load_peak_rss_mb"] > 100 and size["train_load_s"] > 0
+    assert "600 rows jsonl" in proc.stdout and "600 rows parquet" in proc.stdout and "rows/s" in proc.stdout
+    sizes = json.loads(out.read_text())["sizes"]
+    assert [s["format"] for s in sizes] == ["jsonl", "csv", "parquet"]
+    for size in sizes:  # the same rows whatever the file type: the same drops
+        assert size["rows"] == 600 and size["kept"] == 600 - 6 - 1, size
+        assert size["rows_per_s"] > 0 and size["rows_per_cpu_s"] > 0
+        assert size["peak_rss_mb"] > 100 and size["train_load_peak_rss_mb"] > 100 and size["train_load_s"] > 0
 
 
 def test_bench_workflow_runs_times_planning_experiments_of_n_runs(tmp_path):

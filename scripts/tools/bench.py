@@ -5,7 +5,7 @@ merge_and_unload, and the workflow's own overhead.
     python scripts/tools/bench.py merge [--arch llama-1b] [--out results/bench/merge.json]
     python scripts/tools/bench.py workflow [--directory .] [--out results/bench/workflow.json]
     python scripts/tools/bench.py workflow --runs 1 10 50 [--out results/bench/workflow-runs.json]
-    python scripts/tools/bench.py data [--rows 20000 200000 1000000] [--out results/bench/data.json]
+    python scripts/tools/bench.py data [--rows 20000 200000 1000000] [--formats jsonl csv parquet] [--out ...]
     python scripts/tools/bench.py evaluate --vllm .venv-vllm/bin/python [--run results/demo] [--prompts 1000]
 
 train: for the architecture of a preset (random weights of the real config: nothing is downloaded), runs N
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> Any:
     wf.add_argument("--out", default="results/bench/workflow.json")
     dt = sub.add_parser("data", help="the data stage's rows/s and peak RSS on generated demo-shaped rows")
     dt.add_argument("--rows", type=int, nargs="+", default=[20000, 200000, 1000000], help="dataset sizes")
+    dt.add_argument("--formats", nargs="+", default=["jsonl"], choices=["jsonl", "csv", "parquet"],
+                    help="the input's file type (csv, parquet: the same rows as prompt/completion columns)")
     dt.add_argument("--child-timeout", type=float, help="seconds one size may take before it is killed")
     dt.add_argument("--work", default="results/bench")
     dt.add_argument("--out", default="results/bench/data.json")

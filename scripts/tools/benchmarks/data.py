@@ -7,6 +7,8 @@ checked, read memory-mapped and put in the form the loss needs, as before the fi
 The rows are the demo's conversations (system, user, assistant) with a numbered case in the question and the
 answer, so every row is distinct and about as long as a demo row; 1 % repeat an earlier row and 0.1 % have an
 empty answer, so the duplicate and empty checks do real work. The tokenizer is the demo model's (built once).
+`--formats csv parquet`: the same rows as prompt/completion columns (the user's question and the answer; the system
+prompt left out) in a CSV or Parquet file, read by the stage's streaming readers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,45 @@ def demo_shaped(path: Path, rows: int) -> Path:
             last = json.dumps({"messages": [system, {"role": "user", "content": f"{user['content']} (case {i})"},
                                             {"role": "assistant", "content": answer}]})
             fh.write(last + "\n")
+    return path
+
+
+def as_format(jsonl: Path, fmt: str) -> Path:
+    """The rows of `jsonl` as prompt/completion columns in a .csv or .parquet next to it (kept when it is there),
+    written a chunk at a time."""
+    import csv
+
+    path = jsonl.with_suffix(f".{fmt}")
+    if fmt == "jsonl" or path.is_file():
+        return jsonl if fmt == "jsonl" else path
+    tmp = path.with_name(f".{path.name}.tmp")
+
+    def pairs():
+        with jsonl.open() as fh:
+            for line in fh:
+                _, user, assistant = json.loads(line)["messages"]
+                yield user["content"], assistant["content"]
+
+    if fmt == "csv":
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["prompt", "completion"])
+            writer.writerows(pairs())
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("prompt", pa.string()), ("completion", pa.string())])
+        with pq.ParquetWriter(tmp, schema) as writer:
+            chunk = []
+            for pair in pairs():
+                chunk.append(pair)
+                if len(chunk) == 50_000:
+                    writer.write_table(pa.table(list(zip(*chunk, strict=True)), schema=schema))
+                    chunk = []
+            if chunk:
+                writer.write_table(pa.table(list(zip(*chunk, strict=True)), schema=schema))
+    tmp.rename(path)
     return path
 
 
@@ -87,18 +128,19 @@ def bench_data(args) -> dict:
     model_json = demo_model(work)
     report = {"benchmark": "data", "sizes": [], "cores": os.cpu_count(), "load_average": os.getloadavg(),
               "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for rows in args.rows:
-        data = demo_shaped(work / f"rows-{rows}.jsonl", rows)
-        out = work / f"out-{rows}"
+    for rows, fmt in ((rows, fmt) for rows in args.rows for fmt in args.formats):
+        data = as_format(demo_shaped(work / f"rows-{rows}.jsonl", rows), fmt)
+        out = work / f"out-{rows}-{fmt}"
         out.mkdir(exist_ok=True)
-        log.info("data stage on %d demo-shaped rows", rows)
+        log.info("data stage on %d demo-shaped rows (%s)", rows, fmt)
         status, wall = run_child([str(BENCH), "_data_child", str(data), str(model_json), str(out)],
                                  timeout=args.child_timeout)
         if status != 0:
-            report["sizes"].append({"rows": rows, "failed": "timeout" if status is None else f"exit {status}"})
+            report["sizes"].append({"rows": rows, "format": fmt,
+                                    "failed": "timeout" if status is None else f"exit {status}"})
             continue
         child = json.loads((out / "bench.json").read_text())
-        report["sizes"].append({"rows": rows, "wall_s": round(wall, 1), "stage_s": round(child["inner_s"], 1),
+        report["sizes"].append({"rows": rows, "format": fmt, "wall_s": round(wall, 1), "stage_s": round(child["inner_s"], 1),
                                 "rows_per_s": round(rows / child["inner_s"]), "peak_rss_mb": round(child["peak_rss_mb"]),
                                 "cpu_s": round(child["cpu_s"], 1), "rows_per_cpu_s": round(rows / child["cpu_s"]),
                                 "kept": child["kept"]})
@@ -109,7 +151,7 @@ def bench_data(args) -> dict:
                                     "train_load_peak_rss_mb": round(loading["peak_rss_mb"])}
         write_json(args.out, report)
     write_json(args.out, report)
-    print(table([(f"{s['rows']} rows", s.get("failed") or f"{s['rows_per_s']} rows/s ({s['rows_per_cpu_s']} per CPU "
+    print(table([(f"{s['rows']} rows {s['format']}", s.get("failed") or f"{s['rows_per_s']} rows/s ({s['rows_per_cpu_s']} per CPU "
                   f"second), peak RSS {s['peak_rss_mb']} MB, "
                   f"{s['stage_s']} s; train loading {s.get('train_load_s')} s, peak RSS "
                   f"{s.get('train_load_peak_rss_mb')} MB") for s in report["sizes"]], "data stage (bench.py data)"))
