@@ -27,10 +27,15 @@ _RUNS = re.compile(r"""with_name\(\s*["'](\w+\.py)["']\s*\)""")
 
 
 @functools.cache
+def _source(path: Path) -> str:
+    return path.read_text()
+
+
+@functools.cache
 def _imports(path: Path) -> tuple[str, ...]:
     """Dotted names of the project modules a file imports: `import a.b` gives a.b; `from a.b import c` gives a.b
     and a.b.c (c may be a module or a name in a.b)."""
-    text = path.read_text()
+    text = _source(path)
     names = [m.group(1) for m in _IMPORT.finditer(text)]
     for match in _FROM.finditer(text):
         module, imported = match.groups()
@@ -71,7 +76,7 @@ def closure(*programs: str | Path, root: Path = SOURCE_ROOT) -> list[Path]:
         seen[path] = None
         for name in _imports(path):
             todo += [f for f in _files(name, root) if f not in seen]
-        todo += [path.with_name(name) for name in _RUNS.findall(path.read_text()) if path.with_name(name).is_file()]
+        todo += [path.with_name(name) for name in _RUNS.findall(_source(path)) if path.with_name(name).is_file()]
     return sorted(seen, key=lambda p: (p.suffix != ".py" or PACKAGE in p.parts, str(p)))
 
 

@@ -207,12 +207,20 @@ def unset_all_but(prefix: str) -> list[str]:
     return [f"--unset-env={g}" for g in globs + [prefix[:i] for i in range(1, len(prefix))]]
 
 
+def charliecloud_binds(cfg: dict) -> list[tuple[str, str]]:
+    """(source, destination) of each bound path."""
+    return [tuple(b.split(":")[:2]) if ":" in b else (b, b) for b in container_binds(cfg)]
+
+
+def bind_roots(cfg: dict) -> list[str]:
+    """The top-level directories the binds lie under, and /tmp (--private-tmp's skeleton)."""
+    return sorted({"/" + Path(dst).parts[1] for _, dst in charliecloud_binds(cfg)} | {"/tmp"})
+
+
 def charliecloud_mounts(cfg: dict) -> list[tuple[str, str]]:
     """(source, destination) binds: each root's skeleton, then the bound paths at their own path."""
     skeleton = container_scratch(cfg) / "mounts"
-    binds = [b.split(":")[:2] if ":" in b else [b, b] for b in container_binds(cfg)]
-    roots = sorted({"/" + Path(dst).parts[1] for _, dst in binds} | {"/tmp"})
-    return [(str(skeleton / root.lstrip("/")), root) for root in roots] + [(src, dst) for src, dst in binds]
+    return [(str(skeleton / root.lstrip("/")), root) for root in bind_roots(cfg)] + charliecloud_binds(cfg)
 
 
 def charliecloud_outputs(cfg: dict) -> list[str]:
@@ -226,7 +234,7 @@ def check_mount_points(cfg: dict) -> None:
     (it adds the host's top-level directories; a root made on the host since then is not in it)."""
     record = Path(container_image(cfg) + ".json")
     have = json.loads(record.read_text()).get("mount_points") if record.is_file() else None
-    roots = {dst for _, dst in charliecloud_mounts(cfg) if dst.count("/") == 1}
+    roots = set(bind_roots(cfg))
     if have is not None and roots - set(have):
         raise ConfigError(
             f"container.runtime charliecloud: the image {charliecloud_squashfs(cfg)} has no mount point for "

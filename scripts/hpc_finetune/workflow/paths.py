@@ -91,11 +91,11 @@ def final_model(cfg: dict) -> str:
     return out(cfg, "merged") if cfg["merge"]["merge_full_weights"] else out(cfg, "adapters")
 
 
-def summary_inputs(cfg: dict, serve_on: bool | None = None) -> dict[str, str]:
+def summary_inputs(cfg: dict, serve_on: bool) -> dict[str, str]:
     """Every artifact the manifest covers: the declared outputs, under the run directory, of the stages before the
     summary (its inputs). Each is also a target of the run (final_targets), so a missing one is rebuilt with its
     stage and what depends on it, and the manifest never lists a file that no rule makes. `serve_on`: whether
-    serve_check runs, when the caller has resolved it (the workflow does once per run: common.smk's ARTIFACTS)."""
+    serve_check runs (hpc_finetune.serve.plan; resolved once per run: common.smk's SERVE and ARTIFACTS)."""
     inputs = {
         **({"base_model": model_out(cfg, "demo")} if cfg["model"]["source"] == "demo" else {}),
         "model": model_out(cfg, "model.json"),
@@ -111,10 +111,6 @@ def summary_inputs(cfg: dict, serve_on: bool | None = None) -> dict[str, str]:
     if cfg["evaluate"]["enabled"]:
         inputs.update(evaluate=out(cfg, "metrics", "evaluate.json"), eval_samples=out(cfg, "eval", "samples.jsonl"),
                       eval_csv=out(cfg, "eval", "samples.csv"), eval_report=out(cfg, "eval", "report.txt"))
-    if serve_on is None:
-        from hpc_finetune.serve.plan import serve_plan
-
-        serve_on = serve_plan(cfg).on
     if serve_on:
         inputs["serve_check"] = out(cfg, "metrics", "serve_check.json")
     return inputs
@@ -143,11 +139,10 @@ def upload_dirs(cfg: dict) -> list[str]:
     return [out(cfg, name) for name in ("merged", "adapters") if name in include]
 
 
-def final_targets(cfg: dict, artifacts: dict[str, str] | None = None) -> list[str]:
-    """What `rule all` asks for: the manifest and every artifact it lists (summary_inputs: adapters/, merged/,
-    the data, the metrics...: a deleted one is rebuilt, not reported done), the report's pages, and the upload
-    records when a bucket or a Hub repository is set."""
-    artifacts = summary_inputs(cfg) if artifacts is None else artifacts
+def final_targets(cfg: dict, artifacts: dict[str, str]) -> list[str]:
+    """What `rule all` asks for: the manifest and every artifact it lists (`artifacts`, summary_inputs: adapters/,
+    merged/, the data, the metrics...: a deleted one is rebuilt, not reported done), the report's pages, and the
+    upload records when a bucket or a Hub repository is set."""
     return [out(cfg, "manifest.json"), *artifacts.values(), out(cfg, "report", "overview.html"),
             *([out(cfg, "upload.json")] if cfg["upload"]["bucket"] else []),
             *([out(cfg, "hub_upload.json")] if cfg["hub_upload"]["repo_id"] else [])]

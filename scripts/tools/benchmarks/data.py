@@ -49,8 +49,8 @@ def as_format(jsonl: Path, fmt: str) -> Path:
     import csv
 
     path = jsonl.with_suffix(f".{fmt}")
-    if fmt == "jsonl" or path.is_file():
-        return jsonl if fmt == "jsonl" else path
+    if path.is_file():  # the JSON Lines file itself, or a conversion made before
+        return path
     tmp = path.with_name(f".{path.name}.tmp")
 
     def pairs():
